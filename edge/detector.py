@@ -43,9 +43,9 @@ class DetectorConfig:
 
     band_hz: tuple[float, float] = (5.0, 15.0)  # QRS energy band (Pan-Tompkins)
     integration_s: float = 0.12  # moving-window integrator: about one wide QRS
-    lookahead_s: float = 0.10  # an integrator peak is not smaller than the next this many seconds
+    lookahead_s: float = 0.09  # an integrator peak is not smaller than the next this many seconds
     lookback_s: float = 0.25  # ... and larger than the previous this many seconds
-    refractory_s: float = 0.20  # no two beats closer than this (300 bpm)
+    refractory_s: float = 0.18  # no two beats closer than this (333 bpm)
     t_wave_s: float = 0.36  # a peak this soon after a beat may be its T wave: check the slope
     t_wave_slope_ratio: float = 0.5  # ... and call it a T wave below this fraction of the QRS slope
     # "abs" (Hamilton) keeps the dynamic range between large ectopic and small normal beats
@@ -69,7 +69,8 @@ class DetectorConfig:
 
 
 class RPeak(NamedTuple):
-    """One detected beat: its R-peak sample and the input sample at which the detector decided."""
+    """One detected beat: its R-peak sample, and how many input samples had arrived when the
+    detector decided it (``decided_at - sample`` samples of delay)."""
 
     sample: int
     decided_at: int
@@ -218,7 +219,7 @@ class StreamingQRSDetector:
             deadline = self._sb_anchor + round(self.config.searchback_rr * (self._mean_rr() or self.fs))
             nxt = self._candidates[0] if self._candidates else None
             if deadline <= horizon and (nxt is None or deadline <= nxt.sample):
-                decided = min(deadline + self._look, self.n_seen)
+                decided = min(max(deadline + self._look, self._learn), self.n_seen)
                 found = self._search_back(deadline, decided)
                 if found is not None:
                     out.append(RPeak(found.r_sample, decided))
@@ -227,7 +228,7 @@ class StreamingQRSDetector:
                 break
             self._candidates.popleft()
             if self._classify(nxt):
-                decided = min(max(nxt.sample + self._look, nxt.rejudged_at), self.n_seen)
+                decided = min(max(nxt.sample + self._look + 1, nxt.rejudged_at, self._learn), self.n_seen)
                 out.append(RPeak(nxt.r_sample, decided))
         return out
 
