@@ -1,0 +1,118 @@
+"""Export trained models to ONNX with their contract in ``metadata_props``, and prove parity.
+
+The edge loads these files with onnxruntime and checks the contract (edge/models.py); the export
+checks the reverse: the ONNX graph computes what the torch model computes, on random inputs of
+two batch sizes (the batch axis is dynamic), and reports the largest absolute difference.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from edge.models import CLASSIFIER, GENERATOR, IO_SPEC, ClassifierSession, GeneratorSession, ModelContract
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+#: Parity bound between torch and onnxruntime (float32 arithmetic in a different order).
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The exported graph does not match the torch model."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    max_abs_error: float
+    contract: ModelContract
+
+
+def example_inputs(contract: ModelContract, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs in each model input's real range (RR 0.3-2 s, valid labels)."""
+    rng = np.random.default_rng(seed)
+    if contract.kind == GENERATOR:
+        return {
+            "persona": rng.standard_normal((n, contract.persona_dim)).astype(np.float32),
+            "z": rng.standard_normal((n, contract.beat_dim)).astype(np.float32),
+            "label": rng.integers(0, len(contract.classes), n).astype(np.int64),
+            "rr": rng.uniform(0.3, 2.0, (n, len(contract.rr_features))).astype(np.float32),
+        }
+    return {
+        "beats": rng.standard_normal((n, contract.codec.length)).astype(np.float32) * 0.3,
+        "rr": rng.uniform(0.3, 2.0, (n, len(contract.rr_features))).astype(np.float32),
+    }
+
+
+def export_model(module: nn.Module, contract: ModelContract, path: str | os.PathLike[str]) -> ExportResult:
+    """Write ``module`` as ONNX with a dynamic batch axis and ``contract`` as metadata; check parity."""
+    path = Path(path)
+    module = module.eval().cpu()
+    names_in = list(IO_SPEC[contract.kind]["inputs"])
+    names_out = list(IO_SPEC[contract.kind]["outputs"])
+    example = {k: torch.from_numpy(v) for k, v in example_inputs(contract, 3).items()}
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # The legacy TorchScript exporter is the stable path for these small conv nets; it warns
+        # about tracing-time constants that do not apply to them.
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        torch.onnx.export(
+            module,
+            tuple(example[k] for k in names_in),
+            buf,
+            input_names=names_in,
+            output_names=names_out,
+            dynamic_axes={k: {0: "batch"} for k in names_in + names_out},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    model = onnx.load_from_string(buf.getvalue())
+    for key, value in contract.to_metadata().items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.producer_name = "ecg-trainer"
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = model.SerializeToString()
+    path.write_bytes(data)
+    error = parity(module, data, contract)
+    if error > PARITY_TOLERANCE:
+        raise ExportError(f"ONNX and torch differ by {error:.2e} (> {PARITY_TOLERANCE:g})")
+    log.info("exported %s to %s (max abs error vs torch %.2e)", contract.kind, path, error)
+    return ExportResult(path, error, contract)
+
+
+def parity(module: nn.Module, data: bytes, contract: ModelContract) -> float:
+    """Largest |torch - onnxruntime| over random inputs at batch sizes 1 and 37."""
+    session_cls = GeneratorSession if contract.kind == GENERATOR else ClassifierSession
+    session = session_cls(data, codec=contract.codec, classes=contract.classes, warm_up=False)
+    worst = 0.0
+    for n, seed in ((1, 1), (37, 2)):
+        inputs = example_inputs(contract, n, seed)
+        with torch.no_grad():
+            expected = module(*(torch.from_numpy(inputs[k]) for k in IO_SPEC[contract.kind]["inputs"])).numpy()
+        got = session.run(**inputs)
+        worst = max(worst, float(np.max(np.abs(expected - got))))
+    return worst
+
+
+def read_metadata(path: str | os.PathLike[str]) -> Mapping[str, str]:
+    """The ``metadata_props`` of an ONNX file."""
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+__all__ = ["CLASSIFIER", "GENERATOR", "ExportError", "ExportResult", "export_model", "parity", "read_metadata"]
