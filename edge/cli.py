@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from edge import __version__
-from edge.detector import DetectorInputError, StreamingQRSDetector
-from edge.records import DATA_DIR_ENV, DataDirError, read_record
+from edge.detector import StreamingQRSDetector
+from edge.console import run_command
+from edge.records import DATA_DIR_ENV, read_record
 
 log = logging.getLogger("edge")
 
@@ -149,20 +150,7 @@ COMMANDS = {"detect": cmd_detect, "bench-detector": cmd_bench_detector}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if args.command is None:
-        parser.print_help()
-        return 0
-    try:
-        return COMMANDS[args.command](args)
-    except (DataDirError, FileNotFoundError, DetectorInputError, ImportError, ValueError) as exc:
-        print(f"ecg-edge {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(_parser(), COMMANDS, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

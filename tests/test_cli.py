@@ -7,7 +7,6 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-import numpy as np
 import wfdb
 
 from edge.records import read_record

@@ -7,13 +7,13 @@ import logging
 import sys
 from collections import Counter
 
+from edge.console import run_command
 from edge.records import (
     AAMI_CLASSES,
     DATA_DIR_ENV,
     DS1,
     DS2,
     PACED,
-    DataDirError,
     download,
     read_record,
     resolve_data_dir,
@@ -80,20 +80,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if args.command is None:
-        parser.print_help()
-        return 0
-    try:
-        return cmd_data(args)
-    except (DataDirError, FileNotFoundError, ImportError, ValueError) as exc:
-        print(f"ecg-trainer {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(_parser(), {"data": cmd_data}, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

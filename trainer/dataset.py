@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.codec import DEFAULT_SPEC, CodecSpec, encode
-from edge.records import AAMI_CLASSES, AAMI_OF_SYMBOL, resolve_data_dir
+from edge.records import AAMI_CLASSES, resolve_data_dir
 
 log = logging.getLogger(__name__)
 
