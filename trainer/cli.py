@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shlex
 import sys
 from collections import Counter
 
@@ -19,6 +21,7 @@ from edge.records import (
     resolve_data_dir,
 )
 from trainer import __version__
+from trainer.tasks import TASKS
 
 log = logging.getLogger("trainer")
 
@@ -26,9 +29,12 @@ DESCRIPTION = """\
 Train the models the edge runs: a class-conditional beat generator (the surrogates) and an AAMI
 beat classifier, from the MIT-BIH Arrhythmia Database, and export them as ONNX.
 
-Commands available now:
+Commands:
   data download DIR   download the MIT-BIH Arrhythmia Database from PhysioNet into DIR
   data summary        check the data directory and count beats per AAMI class in DS1 and DS2
+  fit TASK            train the classifier, the generator or the image baseline on DS1
+  export RUN_DIR      write a trained run as ONNX with its contract, and its model card
+  defaults            train and export the models that ship inside the edge package
 """
 
 EPILOG = f"""\
@@ -51,7 +57,92 @@ def _parser() -> argparse.ArgumentParser:
     dl.add_argument("dir", help="directory to download into")
     sm = data_sub.add_parser("summary", help="count beats per AAMI class in DS1 and DS2")
     sm.add_argument("--data-dir", help=f"MIT-BIH directory (default ${DATA_DIR_ENV} or ./data/mitdb)")
+
+    fit = sub.add_parser(
+        "fit", help="train a model on DS1 in a new run directory",
+        description="Train on the DS1 records in runs/<task>/NNN/ (options.json, metrics.jsonl, "
+        "checkpoint.pt, model.pt). The classifier is then scored on DS2 (evaluation.json). "
+        "Several GPUs: torchrun --nproc-per-node N -m trainer.cli fit ...",
+    )
+    fit.add_argument("task", choices=sorted(TASKS), help="what to train")
+    fit.add_argument("--data-dir", help=f"MIT-BIH directory (default ${DATA_DIR_ENV} or ./data/mitdb)")
+    fit.add_argument("--runs-dir", default="runs", help="where run directories go (default ./runs)")
+    fit.add_argument("--cache-dir", default=".cache/beats", help="encoded beat sets are cached here")
+    fit.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="auto takes CUDA when there is one (mixed precision on CUDA)")
+    fit.add_argument("--seed", type=int, help="random seed (default: the config's)")
+    fit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set epochs=3 (repeatable)")
+    fit.add_argument("--train-records", nargs="+", metavar="REC", help="train on these records instead of DS1")
+    fit.add_argument("--eval-records", nargs="+", metavar="REC", help="measure on these records instead of DS2")
+    fit.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    fit.add_argument("--dry-run", action="store_true", help="print the resolved options and stop")
+    fit.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+    ex = sub.add_parser(
+        "export", help="write a trained run as an ONNX model for the edge",
+        description="Export the run's model with a dynamic batch axis and its contract (codec spec, "
+        "classes, latent sizes, RR inputs, training-data hash, version, headline metrics) in the "
+        "ONNX metadata; check parity against torch on random inputs and print the max abs error.",
+    )
+    ex.add_argument("run_dir", help="a finished run directory (runs/<task>/NNN)")
+    ex.add_argument("--output", required=True, help="ONNX file to write")
+    ex.add_argument("--version", help="model version (default: UTC timestamp YYYY.MM.DD.HHMMSS)")
+    ex.add_argument("--baseline", metavar="RUN_DIR", help="image-baseline run to measure beside a generator")
+    ex.add_argument("--data-dir", help="MIT-BIH directory (a generator's card measures fidelity on DS2)")
+    ex.add_argument("--cache-dir", default=".cache/beats")
+
+    df = sub.add_parser(
+        "defaults", help="train and export the models that ship with the edge (CPU, about 30 min)",
+        description="Fit the classifier, the generator and the image baseline with their default "
+        "configs, export classifier.onnx and generator.onnx with their model cards into OUTPUT.",
+    )
+    df.add_argument("--data-dir", help=f"MIT-BIH directory (default ${DATA_DIR_ENV} or ./data/mitdb)")
+    df.add_argument("--output", default="edge/assets/models", help="where the models go (default edge/assets/models)")
+    df.add_argument("--runs-dir", default="runs")
+    df.add_argument("--cache-dir", default=".cache/beats")
+    df.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    df.add_argument("--version", help="model version (default: UTC timestamp)")
+    df.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from trainer import pipeline
+
+    result = pipeline.fit(
+        args.task, args.overrides, data_dir=args.data_dir, runs_dir=args.runs_dir,
+        cache_dir=args.cache_dir, device=args.device, seed=args.seed, resume=args.resume,
+        dry_run=args.dry_run, progress_bar=not args.no_progress,
+        train_records=args.train_records, eval_records=args.eval_records,
+    )
+    if args.dry_run:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    else:
+        print(f"trained {args.task}: {result}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from trainer import pipeline
+
+    command = "ecg-trainer " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result = pipeline.export(args.run_dir, args.output, args.version, baseline_run=args.baseline,
+                             data_dir=args.data_dir, cache_dir=args.cache_dir, command=command)
+    print(f"exported {result.contract.kind} v{result.contract.version} to {result.path} "
+          f"(max abs error vs torch {result.max_abs_error:.2e})")
+    return 0
+
+
+def cmd_defaults(args: argparse.Namespace) -> int:
+    from trainer import pipeline
+
+    done = pipeline.build_defaults(args.data_dir, args.output, runs_dir=args.runs_dir, cache_dir=args.cache_dir,
+                                   device=args.device, version=args.version, progress_bar=not args.no_progress)
+    for kind, result in done["exports"].items():
+        print(f"{kind}: {result.path} v{result.contract.version} (max abs error vs torch {result.max_abs_error:.2e})")
+    print(f"built in {done['seconds'] / 60:.1f} min; runs: {', '.join(str(p) for p in done['runs'].values())}")
+    return 0
 
 
 def summarize(data_dir: str | None) -> dict[str, Counter[str]]:
@@ -80,7 +171,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(_parser(), {"data": cmd_data}, argv)
+    return run_command(_parser(), {"data": cmd_data, "fit": cmd_fit, "export": cmd_export, "defaults": cmd_defaults}, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

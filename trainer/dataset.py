@@ -157,25 +157,35 @@ def build_beatset(
     )
 
 
+def load_records(
+    records: Sequence[str],
+    data_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    spec: CodecSpec = DEFAULT_SPEC,
+) -> BeatSet:
+    """A BeatSet of ``records``, cached as .npz under ``cache_dir`` keyed by the records' bytes
+    and the codec spec (so a changed file or codec never reads a stale cache)."""
+    if cache_dir is None:
+        return build_beatset(records, data_dir, spec)
+    root = resolve_data_dir(data_dir)
+    key = record_files_hash(records, root)
+    key.update(json.dumps(spec.to_metadata(), sort_keys=True).encode())
+    path = Path(cache_dir) / f"beats-{key.hexdigest()[:20]}.npz"
+    if path.is_file():
+        return BeatSet.load(path)
+    beats = build_beatset(records, root, spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    beats.save(path)
+    return beats
+
+
 def load_split(
     split: str,
     data_dir: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     spec: CodecSpec = DEFAULT_SPEC,
 ) -> BeatSet:
-    """DS1 or DS2 as a BeatSet, cached as .npz (keyed by the data hash inputs) when asked."""
+    """DS1 (train and tune) or DS2 (measure) as a BeatSet."""
     from edge.records import DS1, DS2
 
-    records = {"DS1": DS1, "DS2": DS2}[split]
-    if cache_dir is not None:
-        root = resolve_data_dir(data_dir)
-        key = record_files_hash(records, root)
-        key.update(json.dumps(spec.to_metadata(), sort_keys=True).encode())
-        path = Path(cache_dir) / f"{split}-{key.hexdigest()[:16]}.npz"
-        if path.is_file():
-            return BeatSet.load(path)
-        beats = build_beatset(records, root, spec)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        beats.save(path)
-        return beats
-    return build_beatset(records, data_dir, spec)
+    return load_records({"DS1": DS1, "DS2": DS2}[split], data_dir, cache_dir, spec)
