@@ -32,6 +32,7 @@ from trainer.generator import (
     generator_contract,
     rr_inputs,
     sample_beats,
+    subjects,
     surrogate_set,
 )
 from trainer.image_baseline import (
@@ -130,7 +131,9 @@ def test_conditioning_reaches_the_output(trained: tuple[BeatGenerator, Path]) ->
         assert (rr - base).abs().amax(1).min() > 1e-6
 
 
-def test_sample_beats_shares_one_persona_and_is_reproducible(trained: tuple[BeatGenerator, Path], train: BeatSet) -> None:
+def test_sample_beats_shares_one_persona_and_is_reproducible(
+    trained: tuple[BeatGenerator, Path], train: BeatSet
+) -> None:
     gen, _ = trained
     labels, rr = np.zeros(6, np.int64), np.full((6, 3), 0.8, np.float32)
     a = sample_beats(gen, labels, rr, rng=np.random.default_rng(3))
@@ -179,6 +182,10 @@ def test_set_sampler_keeps_sets_within_one_record(train: BeatSet) -> None:
     labels = train.labels[sets]
     for c in ("V", "F"):  # rare in the data, focused on by design
         assert np.mean(np.any(labels == AAMI_CLASSES.index(c), axis=1)) > 0.1
+
+
+def test_records_of_one_person_are_one_subject() -> None:
+    np.testing.assert_array_equal(subjects(np.array(["201", "202", "100"])), ["201", "201", "100"])
 
 
 def test_critic_scores_sets() -> None:

@@ -64,6 +64,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from edge.codec import DEFAULT_SPEC
 from edge.records import AAMI_CLASSES
 from trainer.dataset import BeatSet
+from trainer.fidelity import mean_pairwise_rms
 from trainer.runs import Run, seed_everything, unwrap
 
 log = logging.getLogger(__name__)
@@ -268,13 +269,23 @@ class SetCritic(nn.Module):
         return spread.repeat_interleave(g).unsqueeze(1)
 
 
+#: Records of the same person (MIT-BIH: 201 and 202), mapped to one subject name.
+SAME_PERSON: dict[str, str] = {"202": "201"}
+
+
+def subjects(records: np.ndarray) -> np.ndarray:
+    """Subject of each record name (records of one person share a subject)."""
+    records = np.asarray(records)
+    return np.array([SAME_PERSON.get(str(r), str(r)) for r in records]) if len(records) else records
+
+
 class SetSampler:
     """Draws class-focused sets of beats from one record (one subject) at a time."""
 
     def __init__(self, train: BeatSet, cfg: GeneratorConfig, rng: np.random.Generator) -> None:
         self.train, self.cfg, self.rng = train, cfg, rng
-        # records 201 and 202 are one person; in DS1 only 201 occurs, so record == subject here
-        self.by_record = {r: np.flatnonzero(train.record == r) for r in np.unique(train.record)}
+        subject = subjects(train.record)  # a set is one person: 201 and 202 count as one
+        self.by_record = {r: np.flatnonzero(subject == r) for r in np.unique(subject)}
         self.by_record_class: dict[int, list[tuple[str, np.ndarray]]] = {}
         for c in range(len(AAMI_CLASSES)):
             self.by_record_class[c] = [
@@ -297,7 +308,7 @@ class SetSampler:
             options = self.by_record_class[c]
             weights = np.sqrt([len(idx) for _, idx in options])
             record, focus = options[int(self.rng.choice(len(options), p=weights / weights.sum()))]
-            n_focus = min(len(focus), max(1, int(round(self.cfg.focus_fraction * k)))) if c != 0 else 0
+            n_focus = min(len(focus), max(1, round(self.cfg.focus_fraction * k))) if c != 0 else 0
             picked = self.rng.choice(focus, n_focus, replace=False) if n_focus else np.empty(0, np.int64)
             pool = self.by_record[record]
             rest = self.rng.choice(pool, k - n_focus, replace=len(pool) < k - n_focus)
@@ -448,16 +459,6 @@ def _quick_diversity(ema: nn.Module, train: BeatSet, rng: np.random.Generator, n
     return out
 
 
-def mean_pairwise_rms(beats: np.ndarray) -> float:
-    """Mean RMS distance between all pairs of beats (a within-set spread)."""
-    x = torch.from_numpy(np.asarray(beats, dtype=np.float32))
-    if len(x) < 2:
-        return float("nan")
-    d = torch.cdist(x, x) / math.sqrt(x.shape[1])
-    n = len(x)
-    return float(d.sum() / (n * (n - 1)))
-
-
 @torch.no_grad()
 def sample_beats(
     generator: BeatGenerator,
@@ -483,7 +484,8 @@ def sample_beats(
     if persona.ndim == 1:
         persona = np.broadcast_to(persona, (n, generator.persona_dim))
     if persona.shape != (n, generator.persona_dim):
-        raise ValueError(f"persona must be ({generator.persona_dim},) or ({n}, {generator.persona_dim}), got {persona.shape}")
+        p = generator.persona_dim
+        raise ValueError(f"persona must be ({p},) or ({n}, {p}), got {persona.shape}")
     z = rng.standard_normal((n, generator.beat_dim)).astype(np.float32)
     was_training = generator.training
     generator.eval()
@@ -500,15 +502,15 @@ def sample_beats(
 
 
 def surrogate_set(generator: BeatGenerator, conditions: BeatSet, rng: np.random.Generator | None = None) -> np.ndarray:
-    """One surrogate per beat of ``conditions`` (its class and RR), one persona per record.
+    """One surrogate per beat of ``conditions`` (its class and RR), one persona per subject.
 
     This mirrors a real set's structure exactly (one fictitious person for each real one), which
     is how surrogates are compared with real beats in the fidelity and persona measures.
     """
     rng = rng if rng is not None else np.random.default_rng()
-    records = np.unique(conditions.record)
-    personas = {r: rng.standard_normal(generator.persona_dim).astype(np.float32) for r in records}
-    persona = np.stack([personas[r] for r in conditions.record]) if len(conditions) else None
+    people = subjects(conditions.record)
+    personas = {r: rng.standard_normal(generator.persona_dim).astype(np.float32) for r in np.unique(people)}
+    persona = np.stack([personas[r] for r in people]) if len(conditions) else None
     return sample_beats(generator, conditions.labels, conditions.rr, persona=persona, rng=rng)
 
 
@@ -527,6 +529,16 @@ def generator_contract(generator: BeatGenerator, data_hash: str, version: str = 
 
 
 __all__ = [
-    "GENERATOR_RR_FEATURES", "BeatGenerator", "GeneratorConfig", "SetCritic", "SetSampler", "fit_generator",
-    "canonical", "generator_contract", "mean_pairwise_rms", "rr_inputs", "sample_beats", "surrogate_set",
+    "GENERATOR_RR_FEATURES",
+    "BeatGenerator",
+    "GeneratorConfig",
+    "SetCritic",
+    "SetSampler",
+    "canonical",
+    "fit_generator",
+    "generator_contract",
+    "rr_inputs",
+    "sample_beats",
+    "subjects",
+    "surrogate_set",
 ]

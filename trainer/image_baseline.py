@@ -4,11 +4,12 @@ Piacentino, Guarner & Angulo ("Generating Synthetic ECGs Using GANs for Anonymiz
 Data", Electronics 2021, 10, 389) do not train a GAN on the signal. They transform the ECG into an
 image, let a standard image GAN learn and generate images, and decode the generated images back
 into signals; the paper's point is that the transform makes the mature image-GAN machinery
-usable for health data, and it names the transform and the decoding as the steps where signal is
-lost. This module reproduces that pipeline on our canonical beats so that every figure of the
-product's generator has the seed approach beside it, measured the same way.
+usable for health data, and it discusses the drawbacks of each step. This module reproduces that
+pipeline on our canonical beats so that every figure of the product's generator has the seed
+approach beside it, measured the same way.
 
-What is reproduced, and how:
+The sources at hand gave the paper's abstract and introduction, not its method section, so the
+rendering and decoding below are the plainest reading of "ECG as an image", not a transcription:
 
 * **Beat to image** (``beats_to_images``): the beat is drawn as its trace, the way an ECG is
   plotted: a white line on a black 64 x 64 canvas, time on the horizontal axis (192 canonical
@@ -16,7 +17,7 @@ What is reproduced, and how:
   canonical units, R = 1, over 64 rows). Each column is inked over the vertical span that the
   polyline covers inside it, widened by ``line_halfwidth`` pixels with a linear fall-off (an
   anti-aliased pen), so steep QRS flanks stay connected.
-* **Image GAN**: DCGAN (Radford et al. 2016), the standard image GAN of the paper's time:
+* **Image GAN**: DCGAN (Radford et al. 2016), the standard convolutional image GAN:
   transposed-conv generator with batch norm and ReLU, tanh output; strided-conv discriminator
   with leaky ReLU; non-saturating BCE loss; Adam (2e-4, beta1 0.5).
 * **Image to beat** (``images_to_beats``): per column, the intensity-weighted mean row of the ink
@@ -29,8 +30,9 @@ Deviations, each needed to measure the baseline on the product's terms: it is cl
 (one-hot class concatenated to the generator's noise and, as constant planes, to the
 discriminator's input, as in conditional DCGANs) so it can be scored per AAMI class, with the
 same class-focused sampling as the 1-D GAN so that rare classes are seen; it has no persona and
-no RR input (the paper has neither); the canvas is one beat in the codec's window, not a strip;
-and the networks are narrowed (16 base channels) to fit a CPU budget of about 8 minutes.
+no RR input (the pipeline as described has neither); each canvas holds one beat in the codec's
+window; and the networks are narrowed (16 base channels, DCGAN has 64) to fit a CPU budget of
+about 8 minutes.
 The round trip alone (encode, decode, no GAN) costs ``round_trip_error`` RMS, the floor under any
 image-GAN surrogate of this kind (docs/generator.md gives the figure).
 """
@@ -61,7 +63,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ImageBaselineConfig:
-    """Image transform, DCGAN size and schedule (defaults: ~7 min on 2 CPU cores)."""
+    """Image transform, DCGAN size and schedule (defaults: about 6 min on 2 CPU cores)."""
 
     image_size: int = 64  # canvas is image_size x image_size (DCGAN's native size)
     amplitude_range: float = 2.0  # rows span [-range, +range] canonical units (R = 1); beyond is clipped
@@ -91,7 +93,7 @@ class ImageBaselineConfig:
 def beats_to_images(beats: np.ndarray, cfg: ImageBaselineConfig = ImageBaselineConfig()) -> np.ndarray:
     """(n, 192) canonical beats -> (n, S, S) float32 images in [-1, 1] (ink +1, background -1)."""
     x = np.clip(np.asarray(beats, np.float32), -cfg.amplitude_range, cfg.amplitude_range)
-    n, length = x.shape
+    length = x.shape[1]
     s = cfg.image_size
     # polyline resampled at 4 points per column (both column edges included) -> span per column
     pos = np.linspace(0, length - 1, s * 4 + 1)
@@ -113,7 +115,7 @@ def _to_rows(values: np.ndarray, cfg: ImageBaselineConfig) -> np.ndarray:
 def images_to_beats(images: np.ndarray, cfg: ImageBaselineConfig = ImageBaselineConfig()) -> np.ndarray:
     """(n, S, S) images in [-1, 1] -> (n, 192) canonical beats (centroid of the ink per column)."""
     img = np.asarray(images, np.float32)
-    n, s, _ = img.shape
+    s = img.shape[1]
     ink = np.clip((img + 1.0) / 2.0 - 0.1, 0.0, None)  # a little below-threshold haze is ignored
     rows = np.arange(s, dtype=np.float32)[None, :, None]
     mass = ink.sum(1)
@@ -159,7 +161,8 @@ class ImageGenerator(nn.Module):
         g = cfg.ngf
         self.z_dim = cfg.z_dim
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(cfg.z_dim + len(AAMI_CLASSES), 8 * g, 4, 1, 0, bias=False), nn.BatchNorm2d(8 * g), nn.ReLU(True),
+            nn.ConvTranspose2d(cfg.z_dim + len(AAMI_CLASSES), 8 * g, 4, 1, 0, bias=False),
+            nn.BatchNorm2d(8 * g), nn.ReLU(True),
             nn.ConvTranspose2d(8 * g, 4 * g, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * g), nn.ReLU(True),
             nn.ConvTranspose2d(4 * g, 2 * g, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * g), nn.ReLU(True),
             nn.ConvTranspose2d(2 * g, g, 4, 2, 1, bias=False), nn.BatchNorm2d(g), nn.ReLU(True),
@@ -187,7 +190,8 @@ class ImageDiscriminator(nn.Module):
 
     def forward(self, images: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         n, s, _ = images.shape
-        planes = F.one_hot(label, len(AAMI_CLASSES)).to(images.dtype)[:, :, None, None].expand(n, len(AAMI_CLASSES), s, s)
+        onehot = F.one_hot(label, len(AAMI_CLASSES)).to(images.dtype)
+        planes = onehot[:, :, None, None].expand(n, len(AAMI_CLASSES), s, s)
         return self.net(torch.cat([images[:, None], planes], 1)).flatten()
 
 
