@@ -29,6 +29,12 @@ OPSET = 18
 PARITY_TOLERANCE = 1e-4
 
 
+_LEGACY_EXPORT_WARNINGS = (
+    r"You are using the legacy TorchScript-based ONNX export",
+    r"The feature will be removed\. Please remove usage of this function",
+)
+
+
 class ExportError(RuntimeError):
     """The exported graph does not match the torch model."""
 
@@ -65,11 +71,10 @@ def export_model(module: nn.Module, contract: ModelContract, path: str | os.Path
     example = {k: torch.from_numpy(v) for k, v in example_inputs(contract, 3).items()}
     buf = io.BytesIO()
     with warnings.catch_warnings():
-        # The legacy TorchScript exporter is the stable path for these small conv nets; it warns
-        # about tracing-time constants that do not apply to them.
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=FutureWarning)
+        # The TorchScript exporter is the stable path for these small conv nets; torch 2.13 says
+        # it is deprecated, in these two messages, on every call.
+        for message in _LEGACY_EXPORT_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
         torch.onnx.export(
             module,
             tuple(example[k] for k in names_in),
