@@ -229,11 +229,12 @@ def build_defaults(
               "progress_bar": progress_bar}
     t0 = time.monotonic()
     runs = {name: fit(name, [], **common) for name in ("classifier", "generator", "image-baseline")}
+    command = f"ecg-trainer defaults --data-dir {data_dir or '<MIT-BIH directory>'} --output {output_dir}"
     results = {
         "classifier": export(runs["classifier"], out / "classifier.onnx", version, data_dir=data_dir,
-                             cache_dir=cache_dir),
+                             cache_dir=cache_dir, command=command),
         "generator": export(runs["generator"], out / "generator.onnx", version, baseline_run=runs["image-baseline"],
-                            data_dir=data_dir, cache_dir=cache_dir),
+                            data_dir=data_dir, cache_dir=cache_dir, command=command),
     }
     log.info("default models built in %.0f s", time.monotonic() - t0)
     return {"runs": runs, "exports": results, "seconds": time.monotonic() - t0}
