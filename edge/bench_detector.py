@@ -220,7 +220,7 @@ def write_section(path: Path, section: str, body: str) -> None:
     block = f"{begin}\n{body.rstrip()}\n{end}\n"
     text = path.read_text() if path.exists() else "# Benchmarks\n\nFigures written by the benchmark commands; rerun them to refresh.\n\n"
     if begin in text and end in text:
-        text = re.sub(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", lambda _: block, text, flags=re.S)
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", lambda _: block, text, flags=re.DOTALL)
     else:
         text = text.rstrip() + "\n\n" + block
     path.parent.mkdir(parents=True, exist_ok=True)

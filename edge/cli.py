@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from edge import __version__
-from edge.detector import StreamingQRSDetector
 from edge.console import run_command
+from edge.detector import StreamingQRSDetector
 from edge.records import DATA_DIR_ENV, read_record
 
 log = logging.getLogger("edge")
@@ -26,13 +26,20 @@ Anonymize wearable ECG at the edge: find every heartbeat in a live stream and re
 synthetic beat of the same class at the same instant, so heart rate, rhythm and beat classes are
 kept and the wearer's waveform is not.
 
-Commands available now:
+commands:
+  demo            the whole product in one command: wearable -> MQTT -> edge -> subscriber
+  run             the edge as configured in edge.toml (BLE and MQTT sources, MQTT and WFDB sinks)
+  anonymize       a WFDB record through the same streaming pipeline, written as a WFDB record
   detect          find the R-peaks of a WFDB record with the streaming QRS detector
+  bench           throughput, latency and memory of the pipeline with many simulated wearables
   bench-detector  score the detector and published peers on the whole MIT-BIH database
 """
 
 EPILOG = f"""\
 examples:
+  ecg-edge demo                        # embedded broker, bundled record, results in ./out/demo
+  ecg-edge anonymize 100 out/100_anon --data-dir ../shared/data/mitdb
+  ecg-edge run --config edge.toml
   ecg-edge detect                      # the bundled five minutes of MIT-BIH record {BUNDLED_RECORD}
   ecg-edge detect 100 --data-dir ../shared/data/mitdb --output-dir out
   ecg-edge bench-detector --data-dir ../shared/data/mitdb
@@ -74,6 +81,54 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, default=Path("out"), help="where <record>.qrs goes (default ./out)")
     p.add_argument("--data-dir", help=f"MIT-BIH directory for record names (default ${DATA_DIR_ENV} or ./data/mitdb)")
     p.add_argument("--frame-ms", type=float, default=100.0, help="stream frame length in ms (default 100; the result does not depend on it)")
+
+    d = sub.add_parser(
+        "demo", help="wearable -> MQTT -> edge -> subscriber, on the bundled record (no set-up)",
+        description="Start an embedded MQTT broker (unless --broker is given), play the bundled MIT-BIH "
+        "record as a wearable on ecg/raw/<device>, anonymize it, subscribe to ecg/anon/#, and write what the "
+        "subscriber received as a WFDB record, a PNG (raw vs anonymized with beat classes) and summary.json.",
+    )
+    d.add_argument("--broker", help="HOST:PORT of an MQTT broker to use instead of the embedded one")
+    d.add_argument("--output-dir", type=Path, default=Path("out/demo"), help="default ./out/demo")
+    d.add_argument("--record", help=f"a WFDB record path without suffix (default: bundled {BUNDLED_RECORD})")
+    d.add_argument("--channel", type=int, default=0)
+    d.add_argument("--duration", type=float, default=30.0, help="seconds of the record to play (default 30; 0 = all)")
+    d.add_argument("--speed", type=float, default=1.0, help="replay speed, 1 = real time (default), 0 = as fast as possible")
+    d.add_argument("--seed", type=int, help="persona and latent seed (default: random)")
+
+    a = sub.add_parser(
+        "anonymize", help="anonymize a WFDB record into a new WFDB record (file mode)",
+        description="Stream INPUT_RECORD through the live pipeline (detector, classifier, generator, "
+        "splicer) and write OUTPUT_RECORD.hea/.dat (one channel, same rate and length, mV; masked samples "
+        "are WFDB invalid samples) and OUTPUT_RECORD.atr (one N/S/V/F/Q label per surrogate at its R-peak).",
+    )
+    a.add_argument("input", help="record name in the data directory (e.g. 100) or a path without suffix")
+    a.add_argument("output", type=Path, help="output record path without suffix")
+    a.add_argument("--channel", type=int, default=0)
+    a.add_argument("--model", type=Path, help="generator ONNX (default: the shipped one)")
+    a.add_argument("--classifier", type=Path, help="classifier ONNX (default: the shipped one)")
+    a.add_argument("--seed", type=int, help="persona and latent seed (default: random)")
+    a.add_argument("--data-dir", help=f"MIT-BIH directory for record names (default ${DATA_DIR_ENV} or ./data/mitdb)")
+
+    r = sub.add_parser(
+        "run", help="run the edge from a config file",
+        description="Run sources (MQTT raw, Polar H10 over BLE, WFDB replay), the pipeline and sinks "
+        "(MQTT anonymized topics, WFDB files) as configured; see docs/edge-config.md.",
+    )
+    r.add_argument("--config", type=Path, required=True, help="edge.toml")
+    r.add_argument("--validate-config", action="store_true", help="check the config and exit")
+
+    be = sub.add_parser(
+        "bench", help="simulated wearables through the full pipeline on one core (writes docs/benchmarks.md)",
+        description="Run N simulated 360 Hz wearables (MIT-BIH slices) through the in-process pipeline on "
+        "one thread, with the ONNX models and with the torch generator as the peer row; print streams sustained "
+        "in real time, per-beat cost, added latency and memory per stream.",
+    )
+    be.add_argument("--streams", type=int, nargs="+", default=[100, 500, 1000])
+    be.add_argument("--seconds", type=float, default=20.0, help="simulated seconds per run (default 20)")
+    be.add_argument("--frame-ms", type=float, default=100.0)
+    be.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also run the torch generator row")
+    be.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"), help="'-' for none")
 
     b = sub.add_parser(
         "bench-detector",
@@ -146,7 +201,49 @@ def cmd_bench_detector(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"detect": cmd_detect, "bench-detector": cmd_bench_detector}
+def cmd_anonymize(args: argparse.Namespace) -> int:
+    from edge.anonymize import anonymize_record
+    from edge.records import record_path
+
+    source = record_path(args.input, args.data_dir)
+    result = anonymize_record(source, args.output, args.channel, args.model, args.classifier, args.seed)
+    classes = {c: result.beat_labels.count(c) for c in sorted(set(result.beat_labels))}
+    print(f"{args.output}: {len(result.signal)} samples at {result.fs:g} Hz, {len(result.beat_samples)} surrogate "
+          f"beats {classes}, {100 * result.masked_fraction:.2f}% masked; wrote {args.output}.hea/.dat/.atr")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge import app
+    from edge.config import load_config
+
+    cfg = load_config(args.config)
+    if args.validate_config:
+        print(f"{args.config}: valid ({len(cfg.sources.mqtt)} MQTT, {len(cfg.sources.ble)} BLE, "
+              f"{len(cfg.sources.replay)} replay source(s))")
+        return 0
+    return app.main(cfg)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edge.demo import run_demo
+
+    record = Path(args.record) if args.record else bundled_record()
+    summary = run_demo(args.output_dir, record, args.channel, args.duration or None, args.speed, args.broker, args.seed)
+    for key, value in summary.items():
+        print(f"{key:>32}: {value}")
+    print(f"wrote {args.output_dir}/demo.hea/.dat/.atr, demo.png and summary.json")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from edge import bench
+
+    return bench.main(args)
+
+
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "anonymize": cmd_anonymize, "detect": cmd_detect,
+            "bench": cmd_bench, "bench-detector": cmd_bench_detector}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -160,6 +160,15 @@ class StreamingQRSDetector:
         self._trim()
         return beats
 
+    @property
+    def settled(self) -> int:
+        """Every beat with its R-peak before this sample has been returned, bar one a searchback
+        may still find: an integrator peak is judged ``lookahead_s`` after it, and the R-peak lies
+        at most ``locate_s[0]`` before the peak. Zero while the thresholds are being learnt."""
+        if not self._learned:
+            return 0
+        return max(0, self.n_seen - self._look - 1 - self._locate[0])
+
     def flush(self) -> list[RPeak]:
         """End of input: decide what the missing look-ahead still allows (file mode)."""
         beats = self._process(final=True)

@@ -23,18 +23,10 @@ DATA_DIR_ENV = "MITDB_DIR"
 DEFAULT_DATA_DIRS = (Path("data/mitdb"), Path("../shared/data/mitdb"))
 
 #: All 48 records of the MIT-BIH Arrhythmia Database.
-ALL_RECORDS: tuple[str, ...] = (
-    "100 101 102 103 104 105 106 107 108 109 111 112 113 114 115 116 117 118 119 121 122 123 124 "
-    "200 201 202 203 205 207 208 209 210 212 213 214 215 217 219 220 221 222 223 228 230 231 232 "
-    "233 234"
-).split()
+ALL_RECORDS: tuple[str, ...] = ["100", "101", "102", "103", "104", "105", "106", "107", "108", "109", "111", "112", "113", "114", "115", "116", "117", "118", "119", "121", "122", "123", "124", "200", "201", "202", "203", "205", "207", "208", "209", "210", "212", "213", "214", "215", "217", "219", "220", "221", "222", "223", "228", "230", "231", "232", "233", "234"]
 #: de Chazal et al. 2004 inter-patient split: train and tune on DS1, measure on DS2.
-DS1: tuple[str, ...] = (
-    "101 106 108 109 112 114 115 116 118 119 122 124 201 203 205 207 208 209 215 220 223 230"
-).split()
-DS2: tuple[str, ...] = (
-    "100 103 105 111 113 117 121 123 200 202 210 212 213 214 219 221 222 228 231 232 233 234"
-).split()
+DS1: tuple[str, ...] = ["101", "106", "108", "109", "112", "114", "115", "116", "118", "119", "122", "124", "201", "203", "205", "207", "208", "209", "215", "220", "223", "230"]
+DS2: tuple[str, ...] = ["100", "103", "105", "111", "113", "117", "121", "123", "200", "202", "210", "212", "213", "214", "219", "221", "222", "228", "231", "232", "233", "234"]
 #: Records with paced beats; they stay out of classifier training.
 PACED: tuple[str, ...] = ("102", "104", "107", "217")
 
@@ -125,7 +117,7 @@ def read_record(
     ``annotator=None`` reads no annotations (for records without reference beats).
     """
     wfdb = _wfdb()
-    path = _record_path(name, data_dir)
+    path = record_path(name, data_dir)
     rec = wfdb.rdrecord(str(path), channels=[channel], sampfrom=sampfrom, sampto=sampto)
     beat_samples = np.empty(0, dtype=np.int64)
     beat_symbols = np.empty(0, dtype="<U1")
@@ -158,7 +150,7 @@ def read_record(
     )
 
 
-def _record_path(name: str, data_dir: str | os.PathLike[str] | None) -> Path:
+def record_path(name: str, data_dir: str | os.PathLike[str] | None) -> Path:
     """A record given as an existing path (``dir/100`` or ``dir/100.hea``) is read from there;
     a bare name (``100``) is looked up in the data directory."""
     given = Path(name)
@@ -170,7 +162,7 @@ def _record_path(name: str, data_dir: str | os.PathLike[str] | None) -> Path:
     return resolve_data_dir(data_dir) / given.name
 
 
-def _wfdb():  # noqa: ANN202 - the module
+def _wfdb():
     try:
         import wfdb
     except ImportError as exc:  # pragma: no cover - depends on the install

@@ -203,7 +203,9 @@ def test_critic_scores_sets() -> None:
 
 
 def test_canonical_matches_the_codec_rules() -> None:
-    from edge.codec import _baseline  # the codec's own baseline line: the rule the generator must follow
+    from edge.codec import (
+        _baseline,  # the codec's own baseline line: the rule the generator must follow
+    )
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, DEFAULT_SPEC.length)) + np.linspace(0, 3, DEFAULT_SPEC.length)

@@ -34,7 +34,7 @@ class TinyGenerator(nn.Module):
         self.embed = nn.Embedding(len(AAMI_CLASSES), 8)
         self.out = nn.Linear(persona_dim + beat_dim + 8 + 2, DEFAULT_SPEC.length)
 
-    def forward(self, persona, z, label, rr):  # noqa: ANN001, ANN201 - torch signature
+    def forward(self, persona, z, label, rr):
         return self.out(torch.cat([persona, z, self.embed(label), torch.log(rr)], dim=1))
 
 
@@ -44,7 +44,7 @@ class TinyClassifier(nn.Module):
         self.conv = nn.Conv1d(1, 4, 8, stride=8)
         self.out = nn.Linear(4 * 24 + 3, len(AAMI_CLASSES))
 
-    def forward(self, beats, rr):  # noqa: ANN001, ANN201
+    def forward(self, beats, rr):
         h = torch.relu(self.conv(beats[:, None, :])).flatten(1)
         return self.out(torch.cat([h, torch.log(rr)], dim=1))
 

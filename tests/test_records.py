@@ -39,7 +39,7 @@ def test_aami_mapping_follows_ec57() -> None:
         for s in symbols:
             assert AAMI_OF_SYMBOL[s] == cls
     assert set(AAMI_OF_SYMBOL) == set("".join(expected.values()))
-    for not_a_class in "B r n ? + ~ |".split():
+    for not_a_class in ["B", "r", "n", "?", "+", "~", "|"]:
         assert not_a_class not in AAMI_OF_SYMBOL
 
 

@@ -20,7 +20,14 @@ import onnx
 import torch
 from torch import nn
 
-from edge.models import CLASSIFIER, GENERATOR, IO_SPEC, ClassifierSession, GeneratorSession, ModelContract
+from edge.models import (
+    CLASSIFIER,
+    GENERATOR,
+    IO_SPEC,
+    ClassifierSession,
+    GeneratorSession,
+    ModelContract,
+)
 
 log = logging.getLogger(__name__)
 

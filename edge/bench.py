@@ -1,0 +1,189 @@
+"""``ecg-edge bench``: how many live 360 Hz wearables one core anonymizes in real time.
+
+N simulated wearables play the bundled MIT-BIH record (each from its own offset, so beats do not
+arrive in lock-step) through the full in-process pipeline: detector, codec, the ONNX classifier
+and generator batched across streams, splicer. Everything runs on one thread. Each tick of
+``frame_ms`` every stream delivers one frame and the pipeline runs one batch; the clock the
+pipeline sees is the simulated arrival time plus the real processing time of the tick so far, so
+the added latency (R-peak sample arrives -> its surrogate is emitted) includes the compute.
+
+The same run with the torch generator in place of the ONNX one is the peer row (a ratio on the
+same machine, in the same process, is what these shared machines can measure honestly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SECTION = "pipeline"
+WARM_UP_S = 5.0  # the detector learns for 2 s and the first beats wait for it: not steady state
+
+
+@dataclass
+class BenchResult:
+    generator: str
+    streams: int
+    simulated_s: float
+    cpu_s: float  # process CPU time for the measured part
+    wall_s: float
+    beats: int
+    latency_p50: float
+    latency_p99: float
+    latency_max: float
+    bytes_per_stream: float  # RSS growth per stream
+    array_bytes_per_stream: float  # what the streams' own buffers hold
+
+    @property
+    def realtime_factor(self) -> float:
+        """Simulated seconds per CPU second: >= 1 means the streams are sustained in real time."""
+        return self.simulated_s / self.cpu_s
+
+    @property
+    def sustained_streams(self) -> float:
+        return self.streams * self.realtime_factor
+
+    @property
+    def us_per_beat(self) -> float:
+        return 1e6 * self.cpu_s / max(1, self.beats)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_once(generator, classifier, streams: int, seconds: float, frame_ms: float, signal: np.ndarray,
+             fs: float, seed: int = 0) -> BenchResult:
+    from edge.frames import Frame
+    from edge.metrics import EdgeMetrics
+    from edge.pipeline import Anonymizer, PipelineSettings
+
+    gc.collect()
+    rss0 = _rss()
+    metrics = EdgeMetrics()
+    anonymizer = Anonymizer(generator, classifier, PipelineSettings(seed=seed), metrics)
+    n = round(frame_ms * fs / 1000)
+    rng = np.random.default_rng(seed)
+    offsets = rng.integers(0, len(signal), streams)
+    doubled = np.concatenate([signal, signal])  # wrap around without a seam at the offset
+    ticks = int(seconds * fs / n)
+    warm_ticks = int(WARM_UP_S * fs / n)
+    beats0 = cpu0 = wall0 = None
+    for tick in range(warm_ticks + ticks):
+        if tick == warm_ticks:
+            metrics.recent_latency.clear()
+            beats0 = sum(metrics.beats.labels(c)._value.get() for c in "NSVFQ")
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+        t_sim = (tick + 1) * n / fs
+        t_wall = time.perf_counter()
+        pos = tick * n
+        for i in range(streams):
+            start = (offsets[i] + pos) % len(signal)
+            anonymizer.feed(Frame(f"w{i}", doubled[start : start + n], fs, seq=pos), now=t_sim)
+        anonymizer.step(now=t_sim + (time.perf_counter() - t_wall))
+    cpu = time.process_time() - cpu0
+    wall = time.perf_counter() - wall0
+    beats = sum(metrics.beats.labels(c)._value.get() for c in "NSVFQ") - beats0
+    lat = np.array(metrics.recent_latency)
+    rss = _rss() - rss0
+    arrays = np.mean([s.memory_bytes() for s in anonymizer.streams.values()])
+    return BenchResult(
+        generator=type(generator).__name__, streams=streams, simulated_s=ticks * n / fs, cpu_s=cpu, wall_s=wall,
+        beats=int(beats), latency_p50=float(np.percentile(lat, 50)), latency_p99=float(np.percentile(lat, 99)),
+        latency_max=float(lat.max()), bytes_per_stream=rss / streams, array_bytes_per_stream=float(arrays),
+    )
+
+
+def _torch_peer(contract):
+    """The trainer's torch generator behind the edge's generator interface (needs the train extra)."""
+    from trainer.peer import TorchGeneratorSession, latest_run
+
+    return TorchGeneratorSession(latest_run("generator"), contract)
+
+
+def table(results: list[BenchResult]) -> str:
+    rows = ["| generator | streams | real-time factor | streams sustained on one core | µs CPU per beat | "
+            "added latency p50 / p99 / max (s) | RSS per stream | stream buffers |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rows.append(
+            f"| {r.generator} | {r.streams} | {r.realtime_factor:.2f} | {r.sustained_streams:.0f} | {r.us_per_beat:.0f} | "
+            f"{r.latency_p50:.3f} / {r.latency_p99:.3f} / {r.latency_max:.3f} | {r.bytes_per_stream / 1024:.0f} KiB | "
+            f"{r.array_bytes_per_stream / 1024:.0f} KiB |")
+    return "\n".join(rows)
+
+
+def main(args: argparse.Namespace) -> int:
+    # One core: onnxruntime sessions are created with one intra-op thread; pin BLAS/torch too.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    from edge import codec
+    from edge.anonymize import load_models
+    from edge.cli import bundled_record
+    from edge.replay import read_wfdb
+
+    logging.getLogger("edge.pipeline").setLevel(logging.WARNING)
+    signal, fs, _ = read_wfdb(bundled_record())
+    gen, cls = load_models()
+    generators = [gen]
+    if args.peer:
+        try:
+            import torch
+
+            torch.set_num_threads(1)
+            generators.append(_torch_peer(gen.contract))
+        except (ImportError, FileNotFoundError) as exc:
+            print(f"peer row skipped: {exc}", file=sys.stderr)
+    results = []
+    for g in generators:
+        for n in args.streams:
+            r = run_once(g, cls, n, args.seconds, args.frame_ms, signal, fs)
+            results.append(r)
+            print(table([r]).splitlines()[-1], flush=True)
+    enc_after = codec.encode_span(fs)[1] / fs
+    post = codec.DEFAULT_SPEC.post_s
+    text = table(results)
+    print(text)
+    if str(args.output) != "-":
+        from edge.bench_detector import write_section
+
+        command = "ecg-edge " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        body = f"""## Edge pipeline: simulated 360 Hz wearables on one core
+
+Command: `{command}` ({platform.machine()}, {os.cpu_count()} cores shared, Python {platform.python_version()}).
+Each of N wearables plays the bundled MIT-BIH 208 excerpt (frequent ventricular beats: more beats
+per second than most records) from its own offset in {args.frame_ms:g} ms frames; the whole pipeline
+(detector, codec, ONNX classifier and generator batched across streams, splicer) runs on one
+thread. {args.seconds:g} simulated seconds are measured after {WARM_UP_S:g} s of warm-up.
+
+- **real-time factor**: simulated seconds per CPU second; the streams are sustained in real time
+  when it is at least 1, and "streams sustained" is N times it.
+- **added latency**: from the arrival of a beat's R-peak sample to the emission of its surrogate,
+  compute included. The edge must wait for the input the codec needs after the R-peak
+  ({1000 * enc_after:.0f} ms at {fs:g} Hz; the canonical window's post-R part is {1000 * post:.0f} ms), plus up to
+  one frame. Target: p99 <= post-R window + 150 ms = {1000 * (post + 0.15):.0f} ms.
+- **memory**: resident memory growth per stream (RSS), and the stream's own buffers.
+- The peer row runs the trainer's torch generator (one thread) in place of the ONNX session.
+
+{text}
+"""
+        write_section(args.output, SECTION, body)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(argparse.Namespace(streams=[10], seconds=5.0, frame_ms=100.0, peer=False, output=Path("-"))))

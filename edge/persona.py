@@ -1,0 +1,71 @@
+"""Personas and pseudonyms: who a session looks like, and what it is called.
+
+A persona is everything about a session's output that is not clinical content: the generator's
+persona latent (beat shape), the R amplitude, the baseline wander and the noise floor. All of it
+is drawn from a random generator when the session starts and none of it from the wearer: scaling
+surrogates to the wearer's own amplitude measurably re-identifies people (DESIGN.md, promise 4).
+
+Pseudonyms name sessions on the wire. By default each session gets a fresh random one, so two
+sessions of one wearer cannot be joined by name. Deployments that must follow a wearer over time
+can opt into a keyed pseudonym: HMAC-SHA256 of the device key under a site secret, stable across
+sessions and not reversible without the secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Ranges personas are drawn from. R amplitudes of lead-II-like ECG span about 0.5-2.5 mV;
+#: respiration moves the baseline at 0.15-0.4 Hz by a few tens of microvolts; a good chest strap's
+#: noise floor is a few microvolts.
+AMPLITUDE_MV = (0.6, 2.0)
+WANDER_MV = (0.01, 0.05)
+WANDER_HZ = (0.15, 0.4)
+NOISE_MV = (0.002, 0.008)
+
+
+@dataclass(frozen=True)
+class Persona:
+    """One fictitious person: the generator's persona latent plus the non-beat signal."""
+
+    latent: np.ndarray  # float32 (persona_dim,), standard normal
+    amplitude_mv: float  # decoded surrogates are scaled to this R amplitude
+    wander_mv: float  # baseline wander amplitude
+    wander_hz: float
+    wander_phase: float
+    noise_mv: float  # white noise standard deviation
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, persona_dim: int, spread: float = 1.0) -> Persona:
+        """A new persona. ``spread`` scales the latent (0 gives every session the same shape)."""
+        return cls(
+            latent=(spread * rng.standard_normal(persona_dim)).astype(np.float32),
+            amplitude_mv=float(np.exp(rng.uniform(*np.log(AMPLITUDE_MV)))),
+            wander_mv=float(rng.uniform(*WANDER_MV)),
+            wander_hz=float(rng.uniform(*WANDER_HZ)),
+            wander_phase=float(rng.uniform(0.0, 2.0 * np.pi)),
+            noise_mv=float(rng.uniform(*NOISE_MV)),
+        )
+
+    def baseline(self, start: int, n: int, fs: float, rng: np.random.Generator) -> np.ndarray:
+        """Synthetic baseline for output samples ``start .. start+n-1``: wander plus noise."""
+        t = np.arange(start, start + n) / fs
+        wander = self.wander_mv * np.sin(2.0 * np.pi * self.wander_hz * t + self.wander_phase)
+        return wander + self.noise_mv * rng.standard_normal(n)
+
+
+def random_pseudonym() -> str:
+    """A fresh, unlinkable session name (96 random bits)."""
+    return secrets.token_hex(12)
+
+
+def keyed_pseudonym(device: str, secret: bytes) -> str:
+    """A stable name for one device under a site secret (HMAC-SHA256, first 96 bits)."""
+    if len(secret) < 16:
+        raise ValueError("the pseudonym secret must be at least 16 bytes")
+    return hmac.new(secret, device.encode(), hashlib.sha256).hexdigest()[:24]

@@ -1,0 +1,323 @@
+"""The anonymizing pipeline over many streams: detector -> codec.encode -> classifier -> generator
+-> codec.decode -> splicer, with the models batched across every live stream.
+
+``feed`` does each frame's per-stream work at once (detection, buffering); ``step`` runs one model
+batch over whatever beats are ready in any stream and emits each stream's final output. A stream
+never waits on another: ``step`` takes what is ready now, whoever it came from. The asyncio
+service (``edge.service``) and file mode (``edge.anonymize``) drive the same object.
+
+Fail closed (DESIGN.md, promise 1): a model that raises or returns non-finite beats, a detector
+that raises, NaN input, gaps and rejected frames all turn the affected span into masked output
+(NaN, flagged on the wire); raw samples never reach the output on any path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge import codec
+from edge.detector import DetectorConfig
+from edge.frames import AnonBeat, AnonFrame, BadInput, Frame, SessionEnd, SessionInfo
+from edge.metrics import EdgeMetrics
+from edge.models import ClassifierSession, GeneratorSession
+from edge.persona import Persona, keyed_pseudonym, random_pseudonym
+from edge.stream import RR_FEATURES, BeatStream, ReadyBeats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineSettings:
+    """Knobs of the pipeline (the edge config's ``[pipeline]`` table)."""
+
+    seed: int | None = None  # personas, latents and noise; None draws from the OS
+    persona_spread: float = 1.0  # scale of the persona latent (0: every session the same shape)
+    beat_spread: float = 1.0  # scale of the per-beat latent (0: no beat-to-beat variation)
+    pseudonym_secret: bytes | None = None  # keyed, stable pseudonyms instead of random ones
+    lost_s: float = 3.0  # mask stretches with no beat for longer than this
+    max_gap_s: float = 10.0  # a longer gap in a device's samples ends its session
+    max_frame_s: float = 10.0  # frames longer than this are rejected as oversize
+    emit_s: float = 0.2  # output goes out in chunks of at least this, or at once when a beat can
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+
+
+@dataclass
+class StepOutput:
+    """What one ``step`` (or ``feed`` / ``end``) produced, in order, for the sinks."""
+
+    started: list[SessionInfo] = field(default_factory=list)
+    frames: list[AnonFrame] = field(default_factory=list)
+    beats: list[AnonBeat] = field(default_factory=list)
+    ended: list[SessionInfo] = field(default_factory=list)
+
+    def extend(self, other: StepOutput) -> None:
+        self.started += other.started
+        self.frames += other.frames
+        self.beats += other.beats
+        self.ended += other.ended
+
+    def __bool__(self) -> bool:
+        return bool(self.started or self.frames or self.beats or self.ended)
+
+
+class Anonymizer:
+    """Streams keyed by device; see the module docstring."""
+
+    def __init__(
+        self,
+        generator: GeneratorSession | None,
+        classifier: ClassifierSession | None,
+        settings: PipelineSettings | None = None,
+        metrics: EdgeMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings or PipelineSettings()
+        self.metrics = metrics or EdgeMetrics()
+        self.clock = clock
+        self.rng = np.random.default_rng(self.settings.seed)
+        self.generator: GeneratorSession | None = None
+        self.classifier: ClassifierSession | None = None
+        self.swap_models(generator, classifier)
+        self.streams: dict[str, BeatStream] = {}
+        self._info: dict[str, SessionInfo] = {}
+        self._wall0 = time.time() - clock()
+
+    # ------------------------------------------------------------------------------------------
+    def swap_models(self, generator: GeneratorSession | None = None, classifier: ClassifierSession | None = None) -> None:
+        """Use new (already checked and warmed-up) sessions from the next batch on."""
+        for session in (generator, classifier):
+            if session is None:
+                continue
+            if session.contract.codec != (self.generator or session).contract.codec:
+                raise ValueError("the generator and classifier must share one beat codec")
+            self.metrics.set_model(session.contract.kind, session.contract.version, session.sha256)
+        self.generator = generator or self.generator
+        self.classifier = classifier or self.classifier
+        if self.generator is None:
+            log.warning("no generator loaded: every beat is masked until one is")
+        if self.classifier is None:
+            log.warning("no classifier loaded: every beat is masked until one is")
+
+    @property
+    def spec(self) -> codec.CodecSpec:
+        model = self.generator or self.classifier
+        return model.contract.codec if model else codec.DEFAULT_SPEC
+
+    def models(self) -> dict[str, str]:
+        return {m.contract.kind: m.contract.version for m in (self.generator, self.classifier) if m}
+
+    # ------------------------------------------------------------------------------------------
+    def handle(self, event: Frame | SessionEnd | BadInput, now: float | None = None) -> StepOutput:
+        """Take one source event (frames are buffered; call ``step`` to run the models)."""
+        if isinstance(event, Frame):
+            return self.feed(event, now)
+        if isinstance(event, SessionEnd):
+            return self.end(event.device, event.reason, now)
+        self.bad_input(event)
+        return StepOutput()
+
+    def bad_input(self, event: BadInput) -> None:
+        self.metrics.bad_input.labels(event.kind).inc()
+        log.warning("bad input (%s)%s: %s", event.kind, "" if event.device is None else " from a device", event.detail)
+
+    def feed(self, frame: Frame, now: float | None = None) -> StepOutput:
+        """One frame of one device: detection and buffering now, models at the next ``step``."""
+        now = self.clock() if now is None else now
+        out = StepOutput()
+        x = np.asarray(frame.samples, dtype=np.float64)
+        if x.ndim != 1 or x.size == 0:
+            self.bad_input(BadInput("shape", f"a frame must be a non-empty 1-D array, got shape {x.shape}", frame.device))
+            return out
+        if not (codec.MIN_FS <= frame.fs <= codec.MAX_FS) or not np.isfinite(frame.fs):
+            self.bad_input(BadInput(
+                "rate", f"sample rate {frame.fs} Hz is outside {codec.MIN_FS:g}-{codec.MAX_FS:g} Hz; frame dropped",
+                frame.device))
+            return out
+        stream = self.streams.get(frame.device)
+        if stream is not None and stream.fs != frame.fs:
+            self.bad_input(BadInput(
+                "rate", f"sample rate changed from {stream.fs:g} to {frame.fs:g} Hz: new session", frame.device))
+            out.extend(self.end(frame.device, "rate changed", now))
+            stream = None
+        if stream is not None and frame.seq is not None:
+            gap = frame.seq - stream.seq0 - stream.head
+            if gap < 0:
+                self.bad_input(BadInput("order", f"frame starts at sample {frame.seq}, {-gap} already received; dropped",
+                                        frame.device))
+                return out
+            if gap > self.settings.max_gap_s * stream.fs:
+                self.bad_input(BadInput("gap", f"{gap} samples missing (> {self.settings.max_gap_s:g} s): new session",
+                                        frame.device))
+                out.extend(self.end(frame.device, "gap", now))
+                stream = None
+            elif gap:  # the source counted it as bad input when it saw it; here it is filled
+                log.info("%s: %d missing samples masked", stream.pseudonym, gap)
+                stream.feed_gap(gap, now)
+        if stream is None:
+            stream = self._open(frame, out)
+        if x.size > self.settings.max_frame_s * frame.fs:
+            self.bad_input(BadInput(
+                "oversize", f"frame of {x.size} samples is longer than {self.settings.max_frame_s:g} s; masked",
+                frame.device))
+            stream.feed_gap(x.size, now)
+            return out
+        self.metrics.frames.inc()
+        self.metrics.samples.inc(x.size)
+        try:
+            n_bad = stream.feed(x, now)
+        except Exception as exc:  # noqa: BLE001 - the detector failed: mask this frame, start it afresh
+            log.error("detector failed on a frame of %s (%s); frame masked, detector restarted",
+                      stream.pseudonym, exc)
+            self.metrics.bad_input.labels("detector").inc()
+            stream.reset_detector()
+            stream.feed_gap(x.size, now)
+            return out
+        if n_bad:
+            self.bad_input(BadInput("nan", f"{n_bad} of {x.size} samples are not finite; masked", frame.device))
+        return out
+
+    def _open(self, frame: Frame, out: StepOutput) -> BeatStream:
+        s = self.settings
+        pseudonym = keyed_pseudonym(frame.device, s.pseudonym_secret) if s.pseudonym_secret else random_pseudonym()
+        dim = self.generator.contract.persona_dim if self.generator else 32
+        persona = Persona.draw(self.rng, dim, s.persona_spread)
+        stream = BeatStream(frame.fs, pseudonym, persona, np.random.default_rng(self.rng.integers(2**63)),
+                            self.spec, s.detector, s.lost_s)
+        stream.timestamp0 = frame.timestamp
+        stream.seq0 = frame.seq or 0  # a device that numbers its samples may start mid-count
+        self.streams[frame.device] = stream
+        info = SessionInfo(pseudonym, frame.fs, "online", self.models(), time.time())
+        self._info[frame.device] = info
+        self.metrics.sessions.inc()
+        self.metrics.streams.set(len(self.streams))
+        log.info("session %s started at %g Hz", pseudonym, frame.fs)
+        out.started.append(info)
+        return stream
+
+    def end(self, device: str, reason: str = "ended", now: float | None = None) -> StepOutput:
+        """Close a device's session: decide and render what is left, emit everything."""
+        out = StepOutput()
+        stream = self.streams.get(device)
+        if stream is None:
+            return out
+        now = self.clock() if now is None else now
+        stream.flush_detector()
+        out.extend(self.step(now, final={device}))
+        del self.streams[device]
+        info = self._info.pop(device)
+        info.state = "ended"
+        out.ended.append(info)
+        self.metrics.streams.set(len(self.streams))
+        log.info("session %s ended (%s) after %d samples", stream.pseudonym, reason, stream.head)
+        return out
+
+    def close(self) -> StepOutput:
+        """End every session (shutdown, end of file)."""
+        out = StepOutput()
+        for device in list(self.streams):
+            out.extend(self.end(device, "shutdown"))
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    def step(self, now: float | None = None, final: set[str] | frozenset[str] = frozenset()) -> StepOutput:
+        """One model batch over every stream's ready beats, then each stream's final output."""
+        now = self.clock() if now is None else now
+        ready: list[tuple[str, BeatStream, ReadyBeats]] = []
+        for device, stream in self.streams.items():
+            r = stream.ready(final=device in final)
+            if r is not None:
+                ready.append((device, stream, r))
+        if ready:
+            self._render(ready)
+        out = StepOutput()
+        for device, stream in self.streams.items():
+            is_final = device in final
+            if not is_final and not stream.due(round(self.settings.emit_s * stream.fs)):
+                continue
+            emitted = stream.emit(now, final=is_final)
+            if len(emitted.samples) == 0 and not emitted.beats:
+                continue
+            out.frames.append(AnonFrame(stream.pseudonym, stream.fs, emitted.start, emitted.samples,
+                                        self._time(stream, emitted.start)))
+            classes = self.spec_classes()
+            for (r, label), latency in zip(emitted.beats, emitted.latency):
+                out.beats.append(AnonBeat(stream.pseudonym, r, classes[label], stream.fs, self._time(stream, r)))
+                self.metrics.beats.labels(classes[label]).inc()
+                self.metrics.observe_latency(latency)
+            self.metrics.output_samples.inc(len(emitted.samples))
+            masked = int(np.isnan(emitted.samples).sum())
+            if masked:
+                self.metrics.masked_samples.inc(masked)
+        return out
+
+    def spec_classes(self) -> tuple[str, ...]:
+        model = self.generator or self.classifier
+        return model.contract.classes if model else ("N", "S", "V", "F", "Q")
+
+    @staticmethod
+    def _time(stream: BeatStream, sample: int) -> float | None:
+        return None if stream.timestamp0 is None else stream.timestamp0 + sample / stream.fs
+
+    def _render(self, ready: list[tuple[str, BeatStream, ReadyBeats]]) -> None:
+        beats = np.concatenate([r.beats for _, _, r in ready])
+        rr = np.concatenate([r.rr for _, _, r in ready])
+        ok = np.concatenate([r.ok for _, _, r in ready])
+        n = len(beats)
+        self.metrics.batch_beats.observe(n)
+        labels = np.zeros(n, dtype=np.int64)
+        surrogates = None
+        reason = "input"
+        try:
+            if self.classifier is None or self.generator is None:
+                reason = "no model"
+                raise RuntimeError("a model is missing")
+            idx = np.flatnonzero(ok)
+            if idx.size:
+                reason = "classifier"
+                labels[idx] = self.classifier.classify(beats[idx], _columns(rr[idx], self.classifier.contract.rr_features))
+                reason = "generator"
+                personas = np.concatenate([np.broadcast_to(s.persona.latent, (len(r.r), s.persona.latent.size))
+                                           for _, s, r in ready])[idx]
+                z = self.settings.beat_spread * self.rng.standard_normal((idx.size, self.generator.contract.beat_dim))
+                surrogates = self.generator.generate(personas, z, labels[idx],
+                                                     _columns(rr[idx], self.generator.contract.rr_features))
+                if surrogates.shape != (idx.size, self.spec.length) or not np.isfinite(surrogates).all():
+                    raise RuntimeError(f"generator returned {surrogates.shape} with non-finite values")
+        except Exception as exc:  # noqa: BLE001 - any model failure fails closed
+            if reason in ("classifier", "generator"):
+                self.metrics.model_errors.labels(reason).inc()
+                log.error("%s failed on a batch of %d beats (%s): those beats are masked", reason, n, exc)
+            ok = np.zeros(n, dtype=bool)
+            surrogates = None
+        # Decode and place, stream by stream (each has its own rate and persona).
+        lo = 0
+        k = 0
+        for _, stream, r in ready:
+            hi = lo + len(r.r)
+            mine_ok = ok[lo:hi]
+            rows = None
+            if surrogates is not None and mine_ok.any():
+                m = int(mine_ok.sum())
+                rows = codec.decode(surrogates[k : k + m], r.r[mine_ok], stream.fs, stream.persona.amplitude_mv,
+                                    0.0, self.spec)
+                k += m
+            r.ok = mine_ok
+            masked, dropped = stream.render(r, labels[lo:hi], rows)
+            if masked:
+                self.metrics.masked_beats.labels(reason if surrogates is None else "input").inc(masked)
+            if dropped:
+                self.metrics.late_beats.inc(dropped)
+            lo = hi
+
+
+def _columns(rr: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """The RR features a model asks for, in its order."""
+    try:
+        return rr[:, [RR_FEATURES.index(n) for n in names]]
+    except ValueError:
+        raise ValueError(f"model asks for RR features {names}; the edge computes {RR_FEATURES}") from None

@@ -1,0 +1,79 @@
+"""The live edge on one asyncio loop: sources feed the pipeline, a batching tick runs the models,
+sinks publish. bleak, the MQTT client and the replays all live on this loop (DESIGN.md).
+
+Each source runs as its own task and feeds frames as they come (detection is per frame and
+cheap); the tick runs one model batch over every stream's ready beats every ``tick_s``, so a
+stream never waits on another stream's input, and the models see large batches under load.
+Model refresh swaps sessions between ticks (``swap_models``): no batch ever mixes two models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+from edge.frames import Sink, SourceEvent
+from edge.models import ClassifierSession, GeneratorSession
+from edge.pipeline import Anonymizer, StepOutput
+
+log = logging.getLogger(__name__)
+
+
+class EdgeService:
+    """Runs sources into one Anonymizer and its output into sinks."""
+
+    def __init__(self, anonymizer: Anonymizer, sinks: Sequence[Sink], tick_s: float = 0.02) -> None:
+        self.anonymizer = anonymizer
+        self.sinks = list(sinks)
+        self.tick_s = tick_s
+        self._pending = StepOutput()
+        self._lock = asyncio.Lock()
+
+    async def _publish(self, out: StepOutput) -> None:
+        for sink in self.sinks:
+            for info in out.started:
+                await sink.session_started(info)
+            if out.frames or out.beats:
+                await sink.emit(out.frames, out.beats)
+            for info in out.ended:
+                await sink.session_ended(info)
+
+    async def _consume(self, source: AsyncIterator[SourceEvent]) -> None:
+        async for event in source:
+            out = self.anonymizer.handle(event)
+            if out:
+                async with self._lock:  # a session end flushes its stream now
+                    await self._publish(out)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            async with self._lock:
+                out = self.anonymizer.step()
+                if out:
+                    await self._publish(out)
+
+    def swap_models(self, generator: GeneratorSession | None = None, classifier: ClassifierSession | None = None) -> None:
+        """Use new sessions from the next tick on (the loop runs one tick at a time)."""
+        self.anonymizer.swap_models(generator, classifier)
+
+    async def run(self, sources: Sequence[AsyncIterator[SourceEvent]], stop_when_sources_end: bool = True) -> None:
+        """Run until every source ends (replays, tests) or forever (live sources); close sessions."""
+        ticker = asyncio.create_task(self._tick(), name="edge-tick")
+        tasks = [asyncio.create_task(self._consume(s), name=f"edge-source-{i}") for i, s in enumerate(sources)]
+        try:
+            if stop_when_sources_end:
+                await asyncio.gather(*tasks)
+            else:
+                await asyncio.Event().wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            ticker.cancel()
+            for t in [*tasks, ticker]:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            async with self._lock:
+                await self._publish(self.anonymizer.close())

@@ -1,0 +1,179 @@
+"""Splicer: lays decoded surrogate beats on the output clock, one synthetic sample per input sample.
+
+Each surrogate's R-peak sits on its input beat's R-peak sample (the decoder already aligns the
+row; the splicer never shifts it). Neighbouring beats share the overlap of their windows (fast
+rates): the earlier beat owns the output up to a boundary ``boundary_fraction`` of the RR interval
+after its R (past its T wave, before the next P wave) and the two cross-fade with a raised-cosine
+ramp there, so the later beat's head never stacks on the earlier beat's tail. A beat's far ends
+taper to zero, and the stretches no beat covers are synthetic baseline (zero here; the pipeline
+adds the persona's wander and noise), so joins have no steps.
+
+Output is final up to a horizon the caller gives (the stream knows which beats may still come);
+a beat that arrives after part of its span went out is clipped at the cursor (tapered in from
+zero) and counted as late; one whose R-peak already went out is dropped and counted.
+
+Masked spans (fail closed) come out as NaN: bad input, a beat the models could not render, and
+any beat-less stretch longer than ``lost_s`` (the detector has lost the rhythm: a flat line would
+claim asystole).
+
+Hand-written: this is the product's own placement rule; no library splices beats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class _Placed:
+    r: int
+    start: int  # first sample of the row
+    row: np.ndarray | None  # None: the beat could not be rendered; its span is masked
+    floor: int = 0  # first sample it may contribute to (the cursor when it arrived late)
+
+
+class Splicer:
+    """Output assembly for one stream. ``place`` beats in R order, ``mask`` spans, ``emit`` output."""
+
+    def __init__(
+        self,
+        fs: float,
+        ramp_s: float = 0.02,
+        boundary_fraction: float = 0.6,
+        lost_s: float = 3.0,
+    ) -> None:
+        self.fs = fs
+        self.ramp = max(1, round(ramp_s * fs))
+        self.boundary_fraction = boundary_fraction
+        self.lost = round(lost_s * fs)
+        self.cursor = 0  # next output sample to emit
+        self._beats: list[_Placed] = []  # beats whose span is not fully emitted, plus the last one before
+        self._masks: list[tuple[int, int]] = []  # [start, end) spans to mask, not yet fully emitted
+        self._last_r = 0  # R of the last beat before the cursor (session start counts as one)
+        self.late = 0  # beats clipped because part of their span was already emitted
+        self.dropped = 0  # beats whose R-peak was already emitted
+
+    # ------------------------------------------------------------------------------------------
+    def place(self, r: int, start: int, row: np.ndarray | None, width: int | None = None) -> bool:
+        """Add a decoded beat (``row`` covers ``start .. start+len(row)-1``, R at ``r``), or a beat
+        that must be masked (``row=None``, span ``start .. start+width-1``). False if dropped."""
+        if self._beats and r <= self._beats[-1].r:
+            self.dropped += 1
+            return False
+        if r < self.cursor + self.ramp:
+            self.dropped += 1
+            return False
+        if row is None:
+            self._beats.append(_Placed(r, start, None, max(start, self.cursor)))
+            self.mask(start, start + int(width or 0))
+        else:
+            if start < self.cursor:
+                self.late += 1
+            self._beats.append(_Placed(r, start, np.asarray(row, dtype=np.float64), max(start, self.cursor)))
+        return True
+
+    def mask(self, start: int, end: int) -> None:
+        """Mask output samples ``start .. end-1`` (they have not been emitted yet, or are clipped)."""
+        start = max(start, self.cursor)
+        if end > start:
+            self._masks.append((start, end))
+
+    # ------------------------------------------------------------------------------------------
+    def emit(self, until: int) -> np.ndarray:
+        """Final output samples ``cursor .. until-1``; NaN where masked. Advances the cursor."""
+        lo = self.cursor
+        n = until - lo
+        if n <= 0:
+            return np.empty(0)
+        out = np.zeros(n)
+        weight_sum = np.zeros(n)
+        beats = self._beats
+        for i, beat in enumerate(beats):
+            if beat.row is None:
+                continue
+            end = beat.start + len(beat.row)  # exclusive
+            if end <= lo or beat.start >= until:
+                continue
+            w = self._weights(i, lo, until)
+            seg_lo, seg_hi = max(beat.start, lo), min(end, until)
+            out[seg_lo - lo : seg_hi - lo] += w * beat.row[seg_lo - beat.start : seg_hi - beat.start]
+            weight_sum[seg_lo - lo : seg_hi - lo] += w
+        self._mask_lost(out, weight_sum, lo, until)
+        for a, b in self._masks:
+            a, b = max(a, lo), min(b, until)
+            if b > a:
+                out[a - lo : b - lo] = np.nan
+        self.cursor = until
+        self._forget()
+        return out
+
+    def _weights(self, i: int, lo: int, hi: int) -> np.ndarray:
+        """The beat's weight over its row ∩ [lo, hi): 1 inside its own part, raised-cosine ramps at
+        the boundaries it shares with neighbours and at its free ends."""
+        beat = self._beats[i]
+        end = beat.start + len(beat.row)
+        first = beat.floor
+        head_lo, head_hi = first, first + 2 * self.ramp  # free end: fade in from zero
+        tail_lo, tail_hi = end - 2 * self.ramp, end  # free end: fade out to zero
+        prev = self._beats[i - 1] if i > 0 else None
+        nxt = self._beats[i + 1] if i + 1 < len(self._beats) else None
+        if prev is not None and prev.row is not None:
+            b, w = self._boundary(prev, beat)
+            if w:
+                head_lo, head_hi = max(b - w, first), b + w
+        if nxt is not None and nxt.row is not None:
+            b, w = self._boundary(beat, nxt)
+            if w:
+                tail_lo, tail_hi = b - w, b + w
+        t = np.arange(max(beat.start, lo), min(end, hi))
+        up = _ramp(t, head_lo, head_hi)
+        down = 1.0 - _ramp(t, tail_lo, tail_hi)
+        return np.minimum(up, down)
+
+    def _boundary(self, a: _Placed, b: _Placed) -> tuple[int, int]:
+        """Cross-fade centre and half-width between consecutive rendered beats; (0, 0) when their
+        rows do not overlap (each then fades to zero on its own)."""
+        a_end = a.start + len(a.row) - 1
+        b_start = b.floor
+        overlap = a_end - b_start
+        if overlap <= 0:
+            return 0, 0
+        w = min(self.ramp, overlap // 2)
+        if w == 0:
+            return 0, 0
+        centre = a.r + round(self.boundary_fraction * (b.r - a.r))
+        centre = int(np.clip(centre, b_start + w, a_end - w))
+        return centre, w
+
+    def _mask_lost(self, out: np.ndarray, weight: np.ndarray, lo: int, hi: int) -> None:
+        """Mask beat-less stretches more than ``lost`` samples after the last R-peak."""
+        rs = [b.r for b in self._beats]
+        t = np.arange(lo, hi)
+        idx = np.searchsorted(rs, t, side="right") - 1
+        last = np.where(idx >= 0, np.asarray(rs + [0])[idx], self._last_r)
+        lost = (t - last > self.lost) & (weight == 0)
+        out[lost] = np.nan
+
+    def _forget(self) -> None:
+        """Drop beats and masks wholly behind the cursor, keeping the one just before the first
+        live beat: its boundary with that beat shapes the live beat's fade-in."""
+        live = next((i for i, b in enumerate(self._beats) if b.start + _width(b) > self.cursor), len(self._beats))
+        drop = max(0, live - 1)
+        if drop:
+            self._last_r = self._beats[drop - 1].r
+            del self._beats[:drop]
+        self._masks = [(a, b) for a, b in self._masks if b > self.cursor]
+
+
+def _width(beat: _Placed) -> int:
+    return len(beat.row) if beat.row is not None else 0
+
+
+def _ramp(t: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """0 before ``lo``, raised cosine up to 1 at ``hi``, 1 after."""
+    if hi <= lo:
+        return (t >= lo).astype(np.float64)
+    x = np.clip((t - lo + 0.5) / (hi - lo), 0.0, 1.0)
+    return 0.5 - 0.5 * np.cos(np.pi * x)

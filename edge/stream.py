@@ -1,0 +1,253 @@
+"""One wearable session: raw samples in, R-peaks with their encoded beats out, synthetic samples back.
+
+The stream owns everything per session that the models do not: the streaming detector, a short
+buffer of raw input (just long enough to encode a beat once its post-R samples arrive), the causal
+RR context, the persona and the splicer. The pipeline batches the models across streams; a stream
+only hands over beats that are ready and takes back rendered rows.
+
+Raw samples never leave this object except as canonical beats handed to the classifier, and the
+classifier's output is a class index: the surrogate is made from the class, the RR context and the
+persona alone (DESIGN.md, promise 4).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge import codec
+from edge.codec import CodecSpec
+from edge.detector import DetectorConfig, StreamingQRSDetector
+from edge.persona import Persona
+from edge.splicer import Splicer
+
+log = logging.getLogger(__name__)
+
+#: RR context the stream keeps for each beat, in seconds (same definitions as the trainer's).
+RR_FEATURES = ("pre_rr", "local_rr", "long_rr")
+LOCAL_BEATS, LONG_BEATS = 10, 300
+#: A stream's first beat has no previous RR yet: it gets this (75 bpm).
+DEFAULT_RR_S = 0.8
+#: Raw input kept beyond what encoding the newest beat needs: the detector decides beats up to
+#: about 0.3 s after their R-peak (later only for a searchback), and output waits for them.
+KEEP_EXTRA_S = 1.5
+
+
+@dataclass
+class ReadyBeats:
+    """Beats of one stream whose post-R samples have all arrived: model input, never output."""
+
+    r: np.ndarray  # int64 (k,) R-peak samples
+    beats: np.ndarray  # float32 (k, L) canonical input beats (classifier input only)
+    rr: np.ndarray  # float32 (k, 3) RR_FEATURES
+    ok: np.ndarray  # bool (k,): window free of bad input; False beats are masked, not rendered
+    arrived: np.ndarray  # float (k,) clock time the R-peak sample arrived
+
+
+@dataclass
+class Emitted:
+    """Output of one ``emit``: synthetic samples from ``start`` and the surrogates now emitted."""
+
+    start: int
+    samples: np.ndarray  # float64 mV, NaN where masked
+    beats: list[tuple[int, int]]  # (R sample, class index)
+    latency: list[float]  # clock seconds from each emitted beat's R arrival to this emit
+
+
+class BeatStream:
+    """Per-session state; see the module docstring. ``fs`` must be within the codec's range."""
+
+    def __init__(
+        self,
+        fs: float,
+        pseudonym: str,
+        persona: Persona,
+        rng: np.random.Generator,
+        spec: CodecSpec = codec.DEFAULT_SPEC,
+        detector: DetectorConfig | None = None,
+        lost_s: float = 3.0,
+    ) -> None:
+        self.fs = float(fs)
+        self.pseudonym = pseudonym
+        self.persona = persona
+        self.rng = rng
+        self.spec = spec
+        self._detector_config = detector
+        self.detector = StreamingQRSDetector(self.fs, detector)
+        self.enc_before, self.enc_after = codec.encode_span(self.fs, spec)
+        self.dec_before, _ = codec.decode_span(self.fs, spec)
+        self.splicer = Splicer(self.fs, lost_s=lost_s)
+        self.head = 0  # input samples received
+        self.timestamp0: float | None = None  # time of sample 0, when the source carries time
+        self.seq0 = 0  # the device's own index of sample 0
+        self._keep = self.enc_before + self.enc_after + round(KEEP_EXTRA_S * self.fs)
+        self._buf = np.empty(0)
+        self._buf_start = 0
+        self._bad: list[tuple[int, int]] = []  # [a, b) input spans that were NaN, gaps or rejected
+        self._hold = 0.0  # last finite input sample: what the detector sees inside bad spans
+        self._pending: deque[tuple[int, np.ndarray, float]] = deque()  # (r, rr, arrived) awaiting post-R input
+        self._ready: list[ReadyBeats] = []  # encoded, awaiting the models
+        self._arrivals: deque[tuple[int, float]] = deque()  # (input head after a frame, clock)
+        self._last_r: int | None = None
+        self._rr: deque[float] = deque(maxlen=LONG_BEATS)
+        self._labels: dict[int, tuple[int, float]] = {}  # R sample -> (class index, arrival) until emitted
+
+    # ------------------------------------------------------------------------------------------
+    def feed(self, samples: np.ndarray, now: float) -> int:
+        """Take the next input samples (mV; NaN marks bad ones). Returns how many were bad."""
+        x = np.asarray(samples, dtype=np.float64)
+        bad = ~np.isfinite(x)
+        n_bad = int(bad.sum())
+        if n_bad:
+            x = x.copy()
+            for a, b in _runs(bad):
+                self._bad.append((self.head + a, self.head + b))
+                self.splicer.mask(self.head + a, self.head + b)
+                x[a:b] = x[a - 1] if a > 0 else self._hold
+        if x.size:
+            self._hold = float(x[-1])
+        self._push(x, now)
+        return n_bad
+
+    def feed_gap(self, n: int, now: float) -> None:
+        """``n`` samples are missing (a dropped frame): masked, and the clock moves on."""
+        self.feed(np.full(n, np.nan), now)
+
+    def reset_detector(self) -> None:
+        """Start the detector afresh (after it failed); beats already found are kept."""
+        self.detector = StreamingQRSDetector(self.fs, self._detector_config)
+        # The new detector counts from zero: offset its output by the current head.
+        self._detector_offset = self.head
+
+    _detector_offset = 0
+
+    def _push(self, x: np.ndarray, now: float) -> None:
+        self._buf = np.concatenate([self._buf, x])
+        self.head += x.size
+        self._arrivals.append((self.head, now))
+        for peak in self.detector.feed(x):
+            self._add_peak(peak.sample + self._detector_offset)
+        self._encode_ready()
+        drop = len(self._buf) - self._keep
+        if drop > 0:
+            self._buf = self._buf[drop:]
+            self._buf_start += drop
+        while len(self._arrivals) > 1 and self._arrivals[1][0] <= self._buf_start:
+            self._arrivals.popleft()
+        self._bad = [(a, b) for a, b in self._bad if b > self._buf_start]
+
+    def flush_detector(self) -> None:
+        """End of input: let the detector decide what its look-ahead was waiting for."""
+        for peak in self.detector.flush():
+            self._add_peak(peak.sample + self._detector_offset)
+
+    def _add_peak(self, r: int) -> None:
+        if self._last_r is not None and r <= self._last_r:
+            return
+        pre = DEFAULT_RR_S if self._last_r is None else (r - self._last_r) / self.fs
+        self._last_r = r
+        self._rr.append(pre)
+        recent = list(self._rr)
+        rr = np.array([pre, np.mean(recent[-LOCAL_BEATS:]), np.mean(recent)], dtype=np.float32)
+        self._pending.append((r, rr, self._arrival(r)))
+
+    def _arrival(self, sample: int) -> float:
+        heads = [h for h, _ in self._arrivals]
+        i = bisect.bisect_right(heads, sample)
+        return self._arrivals[min(i, len(self._arrivals) - 1)][1]
+
+    # ------------------------------------------------------------------------------------------
+    def _encode_ready(self, final: bool = False) -> None:
+        """Encode pending beats whose post-R input has arrived, while it is still buffered (a burst
+        of frames between two model batches must not push a beat's window out of the buffer)."""
+        out = []
+        while self._pending and (final or self._pending[0][0] + self.enc_after < self.head):
+            out.append(self._pending.popleft())
+        if not out:
+            return
+        r = np.array([b[0] for b in out], dtype=np.int64)
+        inside = r - self.enc_before >= self._buf_start  # decided after its input was dropped
+        inside |= self._buf_start == 0  # the session's first beats: the codec pads the start
+        enc = codec.encode(self._buf, np.clip(r - self._buf_start, 0, len(self._buf) - 1), self.fs, self.spec)
+        ok = inside.copy()
+        for a, b in self._bad:
+            ok &= ~((r + self.enc_after >= a) & (r - self.enc_before < b))
+        self._ready.append(ReadyBeats(
+            r=r, beats=enc.beats, rr=np.stack([b[1] for b in out]), ok=ok,
+            arrived=np.array([b[2] for b in out]),
+        ))
+
+    def ready(self, final: bool = False) -> ReadyBeats | None:
+        """Encoded beats waiting for the models (at the end of input, all of them)."""
+        if final:
+            self._encode_ready(final=True)
+        if not self._ready:
+            return None
+        parts, self._ready = self._ready, []
+        if len(parts) == 1:
+            return parts[0]
+        return ReadyBeats(*(np.concatenate([getattr(p, f) for p in parts])
+                            for f in ("r", "beats", "rr", "ok", "arrived")))
+
+    def render(self, ready: ReadyBeats, labels: np.ndarray, rows: codec.DecodedBeats | None) -> tuple[int, int]:
+        """Place rendered surrogates (one row per ``ready.ok`` beat, in order; ``rows`` None when
+        the models failed) or masks. Returns (beats masked, beats dropped as too late)."""
+        masked = dropped = 0
+        k = 0
+        for i, sample in enumerate(ready.r.tolist()):
+            if ready.ok[i] and rows is not None:
+                placed = self.splicer.place(sample, int(rows.start[k]), rows.samples[k])
+                k += 1
+                if placed:
+                    self._labels[sample] = (int(labels[i]), float(ready.arrived[i]))
+            else:
+                placed = self.splicer.place(sample, sample - self.dec_before, None, 2 * self.dec_before + 1)
+                masked += placed
+            dropped += not placed
+        return masked, dropped
+
+    def horizon(self, final: bool = False) -> int:
+        """Output before this sample is final: no beat still to come can reach it."""
+        if final:
+            return self.head
+        h = self._detector_offset + self.detector.settled - self.dec_before
+        if self._ready:
+            h = min(h, int(self._ready[0].r[0]) - self.dec_before)
+        elif self._pending:
+            h = min(h, self._pending[0][0] - self.dec_before)
+        return max(h, self.splicer.cursor)
+
+    def due(self, min_samples: int) -> bool:
+        """Worth emitting now: a surrogate's R-peak can go out, or ``min_samples`` of output can.
+        (Emitting every stream on every tick costs more than the models do.)"""
+        h = self.horizon()
+        return h - self.splicer.cursor >= min_samples or any(r < h for r in self._labels)
+
+    def emit(self, now: float, final: bool = False) -> Emitted:
+        """Final synthetic output up to the horizon: surrogates, persona baseline, NaN where masked."""
+        start = self.splicer.cursor
+        until = self.horizon(final)
+        beats_part = self.splicer.emit(until)
+        samples = beats_part + self.persona.baseline(start, len(beats_part), self.fs, self.rng)
+        emitted, latency = [], []
+        for r in sorted(s for s in self._labels if s < until):
+            label, arrived = self._labels.pop(r)
+            emitted.append((r, label))
+            latency.append(now - arrived)
+        return Emitted(start, samples, emitted, latency)
+
+    def memory_bytes(self) -> int:
+        """Bytes held in this stream's arrays (buffers, splicer rows, detector ring)."""
+        det = sum(getattr(self.detector, a).nbytes for a in ("_x", "_d", "_f"))
+        rows = sum(b.row.nbytes for b in self.splicer._beats if b.row is not None)
+        return self._buf.nbytes + det + rows + 8 * (len(self._rr) + 3 * len(self._pending))
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) runs of True in a boolean array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.view(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))

@@ -1,0 +1,311 @@
+"""The edge pipeline keeps the product's promises, on real MIT-BIH slices with the shipped models.
+
+Every test runs the real streaming pipeline (detector, codec, onnxruntime classifier and generator,
+splicer) over committed two-minute slices of MIT-BIH records.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edge import models
+from edge.anonymize import anonymize_signal, load_models
+from edge.detector import detect
+from edge.frames import BadInput, Frame, SessionEnd
+from edge.pipeline import Anonymizer, PipelineSettings
+from edge.records import AAMI_CLASSES, AAMI_OF_SYMBOL, read_record
+from edge.replay import frames, read_wfdb
+from edge.splicer import Splicer
+from trainer.export import export_model
+
+DATA = Path(__file__).parent / "data"
+SLICES = ["100", "105", "119", "208", "232"]
+
+
+@pytest.fixture(scope="module")
+def sessions() -> tuple[models.GeneratorSession, models.ClassifierSession]:
+    return load_models()
+
+
+def _run(sessions, signal, fs, seed=3, frame_s=0.25, **settings):
+    gen, cls = sessions
+    anonymizer = Anonymizer(gen, cls, PipelineSettings(seed=seed, **settings))
+    return anonymizer, anonymize_signal(signal, fs, anonymizer, frame_s)
+
+
+def _slice(name: str) -> tuple[np.ndarray, float]:
+    signal, fs, _ = read_wfdb(DATA / name)
+    return signal, fs
+
+
+# -- promise 1: no raw sample leaves the edge ------------------------------------------------------
+@pytest.mark.parametrize("name", SLICES)
+def test_no_forwarded_sample_is_an_input_sample(sessions, name: str) -> None:
+    x, fs = _slice(name)
+    _, out = _run(sessions, x, fs)
+    assert len(out.signal) == len(x)
+    forwarded = ~np.isnan(out.signal)
+    assert forwarded.mean() > 0.95
+    # Every forwarded sample is checked against the input sample at the same instant.
+    assert not np.any(out.signal[forwarded] == x[forwarded])
+    # ... and the output is not the input under a gain and offset either.
+    assert abs(np.corrcoef(out.signal[forwarded], x[forwarded])[0, 1]) < 0.9
+
+
+def test_a_watermark_in_the_input_does_not_come_through(sessions) -> None:
+    """A 0.3 mV tone at 37 Hz added to the wearer's signal: any raw leak (pass-through, blending)
+    would carry it; the output's power at 37 Hz stays at the level of the unmarked run."""
+    x, fs = _slice("100")
+    t = np.arange(len(x)) / fs
+    _, plain = _run(sessions, x, fs)
+    _, marked = _run(sessions, x + 0.3 * np.sin(2 * np.pi * 37.0 * t), fs)
+
+    def power_at_37(y: np.ndarray) -> float:
+        y = np.nan_to_num(y - np.nanmean(y))
+        spectrum = np.abs(np.fft.rfft(y)) ** 2
+        freqs = np.fft.rfftfreq(len(y), 1 / fs)
+        return float(spectrum[np.abs(freqs - 37.0) < 0.05].sum() / spectrum.sum())
+
+    leak_input = power_at_37(x + 0.3 * np.sin(2 * np.pi * 37.0 * t))
+    assert leak_input > 0.05  # the mark is strong in the input
+    assert power_at_37(marked.signal) < 10 * power_at_37(plain.signal) + 1e-4
+
+
+def test_nan_input_and_gaps_are_masked_never_passed(sessions) -> None:
+    x, fs = _slice("105")
+    x = x.copy()
+    x[10_000:10_360] = np.nan  # one second the device flagged invalid
+    anonymizer, out = _run(sessions, x, fs)
+    assert np.isnan(out.signal[10_000:10_360]).all()
+    forwarded = ~np.isnan(out.signal)
+    assert not np.any(out.signal[forwarded] == np.nan_to_num(x)[forwarded])
+    assert anonymizer.metrics.bad_input.labels("nan")._value.get() >= 1
+    # Beats whose window touched the bad second are masked, not rendered from filled input.
+    assert anonymizer.metrics.masked_beats.labels("input")._value.get() >= 1
+
+
+class _NaNGenerator(nn.Module):
+    """A generator whose output is NaN: a broken model must not break the promise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(32 + 8 + 2, 192)
+
+    def forward(self, persona, z, label, rr):
+        y = self.out(torch.cat([persona, z, rr], dim=1))
+        return y * torch.sqrt(-torch.ones_like(y)) + 0.0 * label[:, None]
+
+
+def test_a_model_returning_nan_masks_every_beat(sessions, tmp_path: Path) -> None:
+    gen, cls = sessions
+    export = export_model(_NaNGenerator(), gen.contract, tmp_path / "nan.onnx")
+    broken = models.GeneratorSession(export.path)
+    x, fs = _slice("100")
+    anonymizer = Anonymizer(broken, cls, PipelineSettings(seed=1))
+    out = anonymize_signal(x, fs, anonymizer)
+    assert len(out.beat_samples) == 0  # no surrogate was emitted ...
+    assert anonymizer.metrics.model_errors.labels("generator")._value.get() > 0
+    assert np.isnan(out.signal).mean() > 0.5  # ... beat spans are masked ...
+    forwarded = ~np.isnan(out.signal)
+    assert not np.any(out.signal[forwarded] == x[forwarded])  # ... and the rest is synthetic baseline
+
+
+def test_a_classifier_that_raises_masks_its_beats_and_the_stream_recovers(sessions, monkeypatch) -> None:
+    gen, cls = sessions
+    calls = {"n": 0}
+    real = cls.classify
+
+    def flaky(beats, rr):
+        calls["n"] += 1
+        if 40 <= calls["n"] < 60:
+            raise RuntimeError("onnxruntime: simulated failure")
+        return real(beats, rr)
+
+    monkeypatch.setattr(cls, "classify", flaky)
+    x, fs = _slice("100")
+    anonymizer, out = _run((gen, cls), x, fs)
+    assert anonymizer.metrics.model_errors.labels("classifier")._value.get() == 20
+    assert 0 < np.isnan(out.signal).mean() < 0.5
+    assert len(out.beat_samples) > 100  # beats before and after the failure are rendered
+    forwarded = ~np.isnan(out.signal)
+    assert not np.any(out.signal[forwarded] == x[forwarded])
+
+
+def test_no_model_means_masked_output(sessions) -> None:
+    x, fs = _slice("100")
+    anonymizer = Anonymizer(None, None, PipelineSettings(seed=1))
+    out = anonymize_signal(x, fs, anonymizer)
+    assert len(out.beat_samples) == 0 and np.isnan(out.signal).mean() > 0.5
+
+
+# -- promise 2: timing is kept ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", SLICES)
+def test_every_beat_is_emitted_at_its_input_sample(sessions, name: str) -> None:
+    x, fs = _slice(name)
+    anonymizer, out = _run(sessions, x, fs)
+    detected = np.array([p.sample for p in detect(x, fs)])
+    assert len(out.signal) == len(x) and out.fs == fs
+    assert set(out.beat_samples.tolist()) <= set(detected.tolist())
+    assert len(out.beat_samples) >= len(detected) - 2
+    assert anonymizer.metrics.late_beats._value.get() <= 2
+    # The output's RR series is the input's.
+    kept = np.isin(detected, out.beat_samples)
+    assert np.array_equal(np.diff(detected[kept]), np.diff(out.beat_samples))
+
+
+def test_our_detector_finds_the_surrogates_where_the_input_beats_were(sessions) -> None:
+    x, fs = _slice("100")
+    _, out = _run(sessions, x, fs)
+    found = np.array([p.sample for p in detect(np.nan_to_num(out.signal), fs)])
+    nearest = np.abs(found[:, None] - out.beat_samples[None, :]).min(axis=1)
+    assert np.mean(nearest <= round(0.05 * fs)) > 0.97
+
+
+def test_output_does_not_depend_on_frame_size(sessions) -> None:
+    x, fs = _slice("208")
+    _, a = _run(sessions, x, fs, frame_s=0.1)
+    _, b = _run(sessions, x, fs, frame_s=1.0)
+    assert np.array_equal(a.beat_samples, b.beat_samples) and a.beat_labels == b.beat_labels
+    close = np.isclose(a.signal, b.signal, atol=1e-4, equal_nan=True)  # batch-size rounding in onnxruntime
+    assert close.mean() > 0.995
+
+
+# -- promise 3: class is kept ----------------------------------------------------------------------
+def test_beat_classes_follow_the_reference_on_a_ventricular_record(sessions) -> None:
+    x, fs = _slice("208")
+    _, out = _run(sessions, x, fs)
+    rec = read_record("208", DATA)
+    ref = {int(s): AAMI_OF_SYMBOL[sym] for s, sym in zip(rec.beat_samples, rec.beat_symbols)}
+    pairs = []
+    for s, label in zip(out.beat_samples, out.beat_labels):
+        near = [k for k in ref if abs(k - s) <= round(0.15 * fs)]
+        if near:
+            pairs.append((ref[near[0]], label))
+    assert len(pairs) > 0.95 * len(out.beat_samples)
+    v_ref = [p for p in pairs if p[0] == "V"]
+    assert len(v_ref) > 50
+    assert np.mean([label == "V" for _, label in v_ref]) > 0.85
+    assert set(out.beat_labels) <= set(AAMI_CLASSES)
+
+
+# -- promise 4: identity is removed ----------------------------------------------------------------
+def test_wearer_amplitude_and_baseline_do_not_reach_the_output(sessions) -> None:
+    x, fs = _slice("119")
+    _, a = _run(sessions, x, fs)
+    _, b = _run(sessions, 2.5 * x + 0.7, fs)
+    assert np.array_equal(a.beat_samples, b.beat_samples)
+    assert np.allclose(a.signal, b.signal, equal_nan=True)
+
+
+def test_each_session_is_a_different_person_and_sessions_have_fresh_pseudonyms(sessions) -> None:
+    gen, cls = sessions
+    x, fs = _slice("100")
+    anonymizer = Anonymizer(gen, cls, PipelineSettings(seed=5))
+    first = anonymize_signal(x, fs, anonymizer, device="strap")
+    second = anonymize_signal(x, fs, anonymizer, device="strap")  # same wearer, reconnected
+    assert np.array_equal(first.beat_samples, second.beat_samples)
+    # Same beats, different persona: the shapes differ clearly, the timing does not.
+    assert np.nanmean(np.abs(first.signal - second.signal)) > 0.02
+    names = []
+    out = anonymizer.feed(Frame("strap", x[:360], fs, seq=0))
+    names += [s.pseudonym for s in out.started]
+    anonymizer.end("strap")
+    out = anonymizer.feed(Frame("strap", x[:360], fs, seq=0))
+    names += [s.pseudonym for s in out.started]
+    assert len(set(names)) == 2 and all("strap" not in n for n in names)
+
+
+def test_keyed_pseudonyms_are_stable_per_device(sessions) -> None:
+    gen, cls = sessions
+    anonymizer = Anonymizer(gen, cls, PipelineSettings(seed=5, pseudonym_secret=b"site secret of 16+ bytes"))
+    x, fs = _slice("100")
+    a = anonymizer.feed(Frame("strap-1", x[:360], fs)).started[0].pseudonym
+    anonymizer.end("strap-1")
+    b = anonymizer.feed(Frame("strap-1", x[:360], fs)).started[0].pseudonym
+    c = anonymizer.feed(Frame("strap-2", x[:360], fs)).started[0].pseudonym
+    assert a == b != c
+
+
+# -- promise 5: bounded, bad input counted ---------------------------------------------------------
+def test_memory_per_stream_stays_bounded(sessions) -> None:
+    gen, cls = sessions
+    x, fs = _slice("232")
+    anonymizer = Anonymizer(gen, cls, PipelineSettings(seed=1))
+    sizes = []
+    for lap in range(4):  # eight minutes of one stream
+        for frame in frames("strap", x, fs, 0.25):
+            anonymizer.feed(Frame("strap", frame.samples, fs, seq=lap * len(x) + frame.seq))
+            anonymizer.step()
+        sizes.append(anonymizer.streams["strap"].memory_bytes())
+    assert max(sizes) < 200_000
+    assert sizes[-1] <= 1.2 * sizes[0]
+
+
+def test_bad_input_is_counted_and_other_streams_go_on(sessions) -> None:
+    gen, cls = sessions
+    x, fs = _slice("100")
+    anonymizer = Anonymizer(gen, cls, PipelineSettings(seed=1))
+    out_good = []
+    bad_events = [
+        Frame("bad", np.zeros((2, 3)), fs),  # not 1-D
+        Frame("bad", x[:100], 20.0),  # rate out of range
+        Frame("bad", x[:100], fs, seq=0),
+        Frame("bad", x[:100], fs, seq=50),  # overlaps: replayed or reordered
+        Frame("bad", x[:100], fs, seq=400),  # gap of 300 samples
+        Frame("bad", np.full(20 * int(fs), 0.1), fs, seq=500),  # 20 s in one frame
+        BadInput("garbage", "payload is not JSON"),
+    ]
+    for event in bad_events:
+        anonymizer.handle(event)
+    for frame in frames("good", x, fs, 0.25):
+        anonymizer.feed(frame)
+        out_good += anonymizer.step().beats
+    anonymizer.handle(SessionEnd("bad"))
+    kinds = {k: anonymizer.metrics.bad_input.labels(k)._value.get()
+             for k in ("shape", "rate", "order", "oversize", "garbage")}
+    assert all(v == 1 for v in kinds.values()), kinds
+    # The 300-sample gap and the oversize frame come out masked (sources count gaps themselves).
+    assert anonymizer.metrics.masked_samples._value.get() >= 300 + 20 * int(fs)
+    assert len(out_good) > 140  # the good stream was never disturbed
+
+
+def test_rate_change_starts_a_new_session(sessions) -> None:
+    gen, cls = sessions
+    anonymizer = Anonymizer(gen, cls, PipelineSettings(seed=1))
+    x, fs = _slice("100")
+    first = anonymizer.feed(Frame("strap", x[:360], fs)).started
+    out = anonymizer.feed(Frame("strap", x[:250], 250.0))
+    assert [s.state for s in out.ended] == ["ended"] and len(out.started) == 1
+    assert out.started[0].pseudonym != first[0].pseudonym
+
+
+# -- the splicer on its own ------------------------------------------------------------------------
+def test_splicer_places_rows_crossfades_overlaps_and_has_no_steps() -> None:
+    fs = 360.0
+    splicer = Splicer(fs, lost_s=10.0)
+    row = np.hanning(200) + 0.2  # ends off zero on purpose: joins must still be smooth
+    rs = [300, 450, 800, 1300]  # 150 samples apart (overlap), then wide apart (gap)
+    for r in rs:
+        assert splicer.place(r, r - 80, row)
+    out = np.concatenate([splicer.emit(700), splicer.emit(1600)])
+    assert len(out) == 1600 and not np.isnan(out).any()
+    for r in rs:
+        assert out[r - 80 + 100] == pytest.approx(row[100], abs=1e-9)  # each row's middle untouched
+    assert np.max(np.abs(np.diff(out))) < 0.05  # no steps at joins, gaps or ends
+    assert out[1100] == 0.0  # baseline between far-apart beats
+
+
+def test_splicer_masks_unrenderable_beats_and_lost_rhythm_and_drops_late_beats() -> None:
+    splicer = Splicer(360.0, lost_s=2.0)
+    splicer.place(100, 20, np.ones(160))
+    splicer.place(400, 320, None, 160)
+    out = splicer.emit(1500)
+    assert np.isnan(out[320:480]).all() and not np.isnan(out[:320]).any()
+    assert np.isnan(out[400 + 720 + 1 :]).all()  # more than 2 s after the last R-peak
+    assert not splicer.place(1400, 1320, np.ones(160))  # its R-peak already went out
+    assert splicer.dropped == 1
