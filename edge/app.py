@@ -61,10 +61,12 @@ async def run(cfg: EdgeConfig, stop_when_sources_end: bool = False) -> EdgeServi
 
             sinks.append(WfdbSink(cfg.sinks.wfdb.directory))
         for m in cfg.sources.mqtt:
-            from edge.mqtt import MqttSource, RawLimits
+            from edge.mqtt import MqttSource, RawLimits, shard_subscriptions
 
             limits = RawLimits(max_samples=m.max_frame_samples)
-            source = MqttSource(broker_config(cfg), m.topic_prefix, limits=limits, max_gap_s=cfg.pipeline.max_gap_s)
+            subscriptions = shard_subscriptions(m.shards, m.topic_prefix) if m.shards else None
+            source = MqttSource(broker_config(cfg), m.topic_prefix, subscriptions=subscriptions, limits=limits,
+                                max_gap_s=cfg.pipeline.max_gap_s)
             sources.append(aiter(await stack.enter_async_context(source)))
         for b in cfg.sources.ble:
             from edge.ble import Backoff, PolarH10Source

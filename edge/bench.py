@@ -35,6 +35,7 @@ WARM_UP_S = 5.0  # the detector learns for 2 s and the first beats wait for it: 
 @dataclass
 class BenchResult:
     generator: str
+    frame_ms: float
     streams: int
     simulated_s: float
     cpu_s: float  # process CPU time for the measured part
@@ -101,7 +102,7 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
     rss = _rss() - rss0
     arrays = np.mean([s.memory_bytes() for s in anonymizer.streams.values()])
     return BenchResult(
-        generator=type(generator).__name__, streams=streams, simulated_s=ticks * n / fs, cpu_s=cpu, wall_s=wall,
+        generator=type(generator).__name__, frame_ms=frame_ms, streams=streams, simulated_s=ticks * n / fs, cpu_s=cpu, wall_s=wall,
         beats=int(beats), latency_p50=float(np.percentile(lat, 50)), latency_p99=float(np.percentile(lat, 99)),
         latency_max=float(lat.max()), bytes_per_stream=rss / streams, array_bytes_per_stream=float(arrays),
     )
@@ -115,12 +116,12 @@ def _torch_peer(contract):
 
 
 def table(results: list[BenchResult]) -> str:
-    rows = ["| generator | streams | real-time factor | streams sustained on one core | µs CPU per beat | "
+    rows = ["| generator | frame | streams | real-time factor | streams sustained on one core | µs CPU per beat | "
             "added latency p50 / p99 / max (s) | RSS per stream | stream buffers |",
-            "|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rows.append(
-            f"| {r.generator} | {r.streams} | {r.realtime_factor:.2f} | {r.sustained_streams:.0f} | {r.us_per_beat:.0f} | "
+            f"| {r.generator} | {r.frame_ms:g} ms | {r.streams} | {r.realtime_factor:.2f} | {r.sustained_streams:.0f} | {r.us_per_beat:.0f} | "
             f"{r.latency_p50:.3f} / {r.latency_p99:.3f} / {r.latency_max:.3f} | {r.bytes_per_stream / 1024:.0f} KiB | "
             f"{r.array_bytes_per_stream / 1024:.0f} KiB |")
     return "\n".join(rows)
@@ -149,10 +150,11 @@ def main(args: argparse.Namespace) -> int:
             print(f"peer row skipped: {exc}", file=sys.stderr)
     results = []
     for g in generators:
-        for n in args.streams:
-            r = run_once(g, cls, n, args.seconds, args.frame_ms, signal, fs)
-            results.append(r)
-            print(table([r]).splitlines()[-1], flush=True)
+        for frame_ms in args.frame_ms:
+            for n in args.streams:
+                r = run_once(g, cls, n, args.seconds, frame_ms, signal, fs)
+                results.append(r)
+                print(table([r]).splitlines()[-1], flush=True)
     enc_after = codec.encode_span(fs)[1] / fs
     post = codec.DEFAULT_SPEC.post_s
     text = table(results)
@@ -165,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
 
 Command: `{command}` ({platform.machine()}, {os.cpu_count()} cores shared, Python {platform.python_version()}).
 Each of N wearables plays the bundled MIT-BIH 208 excerpt (frequent ventricular beats: more beats
-per second than most records) from its own offset in {args.frame_ms:g} ms frames; the whole pipeline
+per second than most records) from its own offset in frames of the given length; the whole pipeline
 (detector, codec, ONNX classifier and generator batched across streams, splicer) runs on one
 thread. {args.seconds:g} simulated seconds are measured after {WARM_UP_S:g} s of warm-up.
 
@@ -174,8 +176,10 @@ thread. {args.seconds:g} simulated seconds are measured after {WARM_UP_S:g} s of
 - **added latency**: from the arrival of a beat's R-peak sample to the emission of its surrogate,
   compute included. The edge must wait for the input the codec needs after the R-peak
   ({1000 * enc_after:.0f} ms at {fs:g} Hz; the canonical window's post-R part is {1000 * post:.0f} ms), plus up to
-  one frame. Target: p99 <= post-R window + 150 ms = {1000 * (post + 0.15):.0f} ms.
-- **memory**: resident memory growth per stream (RSS), and the stream's own buffers.
+  one frame (so longer frames cost latency and save CPU). Target: p99 <= post-R window + 150 ms =
+  {1000 * (post + 0.15):.0f} ms.
+- **memory**: resident memory growth per stream (RSS; only the first run of a process means much,
+  later runs reuse memory the earlier ones freed), and the stream's own buffers.
 - The peer row runs the trainer's torch generator (one thread) in place of the ONNX session.
 
 {text}
@@ -186,4 +190,4 @@ thread. {args.seconds:g} simulated seconds are measured after {WARM_UP_S:g} s of
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main(argparse.Namespace(streams=[10], seconds=5.0, frame_ms=100.0, peer=False, output=Path("-"))))
+    sys.exit(main(argparse.Namespace(streams=[10], seconds=5.0, frame_ms=[100.0], peer=False, output=Path("-"))))

@@ -9,7 +9,6 @@ not for serving a fleet.
 from __future__ import annotations
 
 import logging
-import socket
 from types import TracebackType
 from typing import Self
 
@@ -18,18 +17,12 @@ from amqtt.contexts import BrokerConfig as AmqttConfig
 from amqtt.contexts import ListenerConfig, ListenerType
 from amqtt.errors import BrokerError
 
+from edge.mosquitto import free_port
 from edge.mqtt import BrokerConfig
 
 log = logging.getLogger(__name__)
 
 _PLUGINS = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class EmbeddedBroker:

@@ -32,6 +32,7 @@ commands:
   anonymize       a WFDB record through the same streaming pipeline, written as a WFDB record
   detect          find the R-peaks of a WFDB record with the streaming QRS detector
   bench           throughput, latency and memory of the pipeline with many simulated wearables
+  bench-fleet     simulated wearables through a real mosquitto, every anonymized frame counted
   bench-detector  score the detector and published peers on the whole MIT-BIH database
 """
 
@@ -126,9 +127,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     be.add_argument("--streams", type=int, nargs="+", default=[100, 500, 1000])
     be.add_argument("--seconds", type=float, default=20.0, help="simulated seconds per run (default 20)")
-    be.add_argument("--frame-ms", type=float, default=100.0)
+    be.add_argument("--frame-ms", type=float, nargs="+", default=[100.0, 250.0], help="frame lengths to run (default 100 250)")
     be.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also run the torch generator row")
     be.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"), help="'-' for none")
+
+    bf = sub.add_parser(
+        "bench-fleet", help="simulated wearables through a real mosquitto, every anonymized frame counted",
+        description="Start mosquitto, run the edge as its own process, play N Polar-H10-like wearables "
+        "(130 Hz) in real time and count every anonymized sample a subscriber receives (docs/benchmarks.md).",
+    )
+    bf.add_argument("--wearables", type=int, default=500)
+    bf.add_argument("--seconds", type=float, default=300.0)
+    bf.add_argument("--frame", type=int, default=73, help="samples per raw frame (default 73, as a Polar H10)")
+    bf.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"), help="'-' for none")
+    bf.add_argument("--edge-log", type=Path, help="write the edge process's log here")
+    bf.add_argument("--workers", type=int, default=1, help="edge worker processes sharing the fleet by topic shard")
 
     b = sub.add_parser(
         "bench-detector",
@@ -236,6 +249,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_fleet(args: argparse.Namespace) -> int:
+    from edge import bench_fleet
+
+    return bench_fleet.main(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from edge import bench
 
@@ -243,7 +262,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "anonymize": cmd_anonymize, "detect": cmd_detect,
-            "bench": cmd_bench, "bench-detector": cmd_bench_detector}
+            "bench": cmd_bench, "bench-fleet": cmd_bench_fleet, "bench-detector": cmd_bench_detector}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -418,11 +418,23 @@ def decode(
     return DecodedBeats(start=r - kernel.before, samples=samples, r_offset=kernel.before, fs=fs)
 
 
+def median(x: ArrayLike, axis: int = -1) -> np.ndarray:
+    """``np.median`` bit for bit (the same partition and mean of the two middle values), without its
+    generic overhead: a live stream takes a few medians per frame and per beat."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[axis]
+    k = n // 2
+    if n % 2:
+        return np.partition(x, k, axis=axis).take(k, axis=axis)
+    p = np.partition(x, (k - 1, k), axis=axis)
+    return (p.take(k - 1, axis=axis) + p.take(k, axis=axis)) / 2.0
+
+
 def _baseline(canonical: np.ndarray, spec: CodecSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The baseline line per beat, its level at R and its slope per second."""
     nb, length = spec.baseline_n, spec.length
-    first = np.median(canonical[:, :nb], axis=1)
-    last = np.median(canonical[:, length - nb :], axis=1)
+    first = median(canonical[:, :nb], axis=1)
+    last = median(canonical[:, length - nb :], axis=1)
     centre = (nb - 1) / 2  # each median stands for the middle of its segment
     per_sample = (last - first) / (length - 1 - 2 * centre)
     level = first + per_sample * (spec.pre - centre)
@@ -442,6 +454,10 @@ class _Kernel:
     def apply(self, rows: np.ndarray) -> np.ndarray:
         # One tap at a time, in a fixed order: each output's sum is formed the same way whatever
         # the batch, which a BLAS product (blocking by matrix size) would not promise.
+        if rows.shape[0] <= 2:
+            # A live stream's beat or two: the same left-to-right sums (bit for bit) in one pass,
+            # without a Python loop over the taps.
+            return np.add.accumulate(rows[:, self.cols] * self.weights, axis=2)[..., -1].copy()
         out = np.zeros((rows.shape[0], self.cols.shape[0]))
         term = np.empty_like(out)
         for t in range(self.cols.shape[1]):

@@ -93,6 +93,7 @@ class PipelineConfig(_Strict):
 
 class MqttSourceConfig(_Strict):
     topic_prefix: str = "ecg/raw"  # devices publish on <prefix>/<device> (or <prefix>/<shard>/<device>)
+    shards: list[str] = []  # this worker owns <prefix>/<shard>/# for each; empty: all of <prefix>/#
     max_frame_samples: int = Field(20_000, ge=1)
 
 

@@ -15,7 +15,6 @@ detail names the topic, so one broken wearable cannot stop the others (promise 5
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -693,9 +692,11 @@ class MqttSink:
         self._task: asyncio.Task[None] | None = None
         self._last_error: BaseException | None = None
         self._dropped_since_online = 0
+        self._closing = False
 
     @property
     def connected(self) -> bool:
+        """Whether the sink has a connection to publish on now."""
         return self._online.is_set()
 
     @property
@@ -714,6 +715,7 @@ class MqttSink:
         """Connect; raises ConnectionError if the broker cannot be reached within connect_timeout_s."""
         if self._task is not None:
             return
+        self._closing = False
         self._task = asyncio.create_task(self._supervise(), name="mqtt-sink")
         try:
             async with asyncio.timeout(self.connect_timeout_s):
@@ -737,10 +739,16 @@ class MqttSink:
 
     async def _stop_task(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        self._closing = True
+        # Cancel until it takes: on Python 3.11, asyncio.wait_for (inside aiomqtt's publish and
+        # subscribe) swallows a cancellation that arrives together with the awaited result.
+        while not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait((task,), timeout=0.5)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("MQTT sink: connection task failed", exc_info=task.exception())
 
     # The Sink protocol --------------------------------------------------------------------
 
@@ -810,16 +818,12 @@ class MqttSink:
     async def _supervise(self) -> None:
         delay = self.reconnect_min_s
         will = aiomqtt.Will(self.edge_topic, encode_edge_status("offline", self.started), qos=self.status_qos, retain=True)
-        while True:
+        while not self._closing:
             client = self.broker.client("sink", will=will, max_inflight_messages=self.max_inflight)
             client.pending_calls_threshold = self.max_inflight + 100  # concurrent publishes are the design
             self._lost = asyncio.Event()
             try:
                 async with client:
-                    online = [(self.edge_topic, encode_edge_status("online", self.started), self.status_qos, True)]
-                    online += [self._status_msg(i) for i in self._live.values()]
-                    for t, p, q, r in online:
-                        await client.publish(t, p, qos=q, retain=r, timeout=self.publish_timeout_s)
                     self._client = client
                     self._online.set()
                     self.stats.connects += 1
@@ -829,18 +833,25 @@ class MqttSink:
                     else:
                         log.info("MQTT sink: online on %s as edge %r", self.broker, self.edge_id)
                     self._dropped_since_online = 0
+                    online = [(self.edge_topic, encode_edge_status("online", self.started), self.status_qos, True)]
+                    await self._publish(online + [self._status_msg(i) for i in self._live.values()])
                     # Nothing is subscribed: this only returns, by raising, when the connection drops.
                     async for _ in client.messages:
                         pass
             except aiomqtt.MqttError as exc:
                 self._last_error = exc
-                log.warning("MQTT sink: broker %s unreachable or lost (%s); retrying in %.1f s", self.broker, exc, delay)
+                if not self._closing:
+                    log.warning("MQTT sink: broker %s unreachable or lost (%s); retrying in %.1f s", self.broker, exc, delay)
+            except Exception as exc:  # a bug here must not leave the edge silently offline
+                self._last_error = exc
+                log.exception("MQTT sink: connection failed unexpectedly; retrying in %.1f s", delay)
             finally:
                 self._online.clear()
                 self._lost.set()
                 self._client = None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.reconnect_max_s)
+            if not self._closing:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.reconnect_max_s)
 
 
 # --------------------------------------------------------------------------------------------

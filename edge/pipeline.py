@@ -85,6 +85,7 @@ class Anonymizer:
         self.swap_models(generator, classifier)
         self.streams: dict[str, BeatStream] = {}
         self._info: dict[str, SessionInfo] = {}
+        self._dirty: set[str] = set()  # devices fed since the last step
         self._wall0 = time.time() - clock()
 
     # ------------------------------------------------------------------------------------------
@@ -165,7 +166,9 @@ class Anonymizer:
                 "oversize", f"frame of {x.size} samples is longer than {self.settings.max_frame_s:g} s; masked",
                 frame.device))
             stream.feed_gap(x.size, now)
+            self._dirty.add(frame.device)
             return out
+        self._dirty.add(frame.device)
         self.metrics.frames.inc()
         self.metrics.samples.inc(x.size)
         try:
@@ -227,17 +230,21 @@ class Anonymizer:
     def step(self, now: float | None = None, final: set[str] | frozenset[str] = frozenset()) -> StepOutput:
         """One model batch over every stream's ready beats, then each stream's final output."""
         now = self.clock() if now is None else now
+        # Only streams fed since the last step (or ending now) can have new beats or new output.
+        touched = [(d, self.streams[d]) for d in (self._dirty | set(final)) if d in self.streams]
+        self._dirty = set()
         ready: list[tuple[str, BeatStream, ReadyBeats]] = []
-        for device, stream in self.streams.items():
+        for device, stream in touched:
             r = stream.ready(final=device in final)
             if r is not None:
                 ready.append((device, stream, r))
         if ready:
             self._render(ready)
         out = StepOutput()
-        for device, stream in self.streams.items():
+        for device, stream in touched:
             is_final = device in final
             if not is_final and not stream.due(round(self.settings.emit_s * stream.fs)):
+                self._dirty.add(device)  # not worth a message yet: look again next step
                 continue
             emitted = stream.emit(now, final=is_final)
             if len(emitted.samples) == 0 and not emitted.beats:

@@ -69,11 +69,17 @@ class EdgeService:
             else:
                 await asyncio.Event().wait()
         finally:
-            for t in tasks:
-                t.cancel()
-            ticker.cancel()
             for t in [*tasks, ticker]:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+                await _stop(t)
             async with self._lock:
                 await self._publish(self.anonymizer.close())
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel until the task is done: on Python 3.11, ``asyncio.wait_for`` (inside aiomqtt) can
+    swallow a cancellation that arrives together with its result."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        task.result()

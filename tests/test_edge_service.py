@@ -140,8 +140,11 @@ def test_validate_config_command(tmp_path: Path) -> None:
 
 
 def test_anonymize_command_writes_a_wfdb_record(tmp_path: Path) -> None:
-    run = _cli("anonymize", str(DATA / "208"), str(tmp_path / "208_anon"), "--seed", "1", cwd=tmp_path)
+    run = _cli("--log-format", "json", "anonymize", str(DATA / "208"), str(tmp_path / "208_anon"), "--seed", "1",
+               cwd=tmp_path)
     assert run.returncode == 0, run.stderr
+    logs = [json.loads(line) for line in run.stderr.splitlines()]  # structured logs: one object per line
+    assert any("wrote" in entry["message"] for entry in logs) and all("level" in entry for entry in logs)
     rec = wfdb.rdrecord(str(tmp_path / "208_anon"))
     ann = wfdb.rdann(str(tmp_path / "208_anon"), "atr")
     x, fs, _ = read_wfdb(DATA / "208")
@@ -217,7 +220,7 @@ def test_demo_runs_end_to_end_on_the_embedded_broker(tmp_path: Path) -> None:
 def test_metrics_endpoint_serves_the_edge_counters(sessions) -> None:
     import urllib.request
 
-    from edge.broker import free_port
+    from edge.mosquitto import free_port
 
     metrics = EdgeMetrics()
     anonymizer = Anonymizer(*sessions, PipelineSettings(seed=1), metrics)
@@ -234,3 +237,25 @@ def test_metrics_endpoint_serves_the_edge_counters(sessions) -> None:
     assert 'ecg_edge_bad_input_total{kind="order"} 1.0' in text
     assert "ecg_edge_added_latency_seconds_bucket" in text
     assert 'ecg_edge_model_info{kind="generator"' in text
+
+
+def test_pipeline_benchmark_runs_and_writes_its_table(tmp_path: Path) -> None:
+    import argparse
+
+    from edge import bench
+
+    out = tmp_path / "benchmarks.md"
+    assert bench.main(argparse.Namespace(streams=[4], seconds=3.0, frame_ms=[100.0], peer=False, output=out)) == 0
+    assert "| GeneratorSession | 100 ms | 4 |" in out.read_text()
+
+
+def test_fleet_benchmark_counts_every_frame_through_mosquitto(tmp_path: Path) -> None:
+    import argparse
+
+    from edge import bench_fleet
+
+    out = tmp_path / "benchmarks.md"
+    args = argparse.Namespace(wearables=5, seconds=6.0, frame=73, output=out, edge_log=tmp_path / "edge.log", workers=2)
+    assert bench_fleet.main(args) == 0
+    text = out.read_text()
+    assert "every anonymized frame delivered" in text and "| sessions online / ended / complete | 5 / 5 / 5 of 5 |" in text
