@@ -35,6 +35,7 @@ Commands:
   fit TASK            train the classifier, the generator or the image baseline on DS1
   export RUN_DIR      write a trained run as ONNX with its contract, and its model card
   defaults            train and export the models that ship inside the edge package
+  evaluate            re-identification, linkability, membership, timing and class figures on DS2
 """
 
 EPILOG = f"""\
@@ -104,6 +105,19 @@ def _parser() -> argparse.ArgumentParser:
     df.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     df.add_argument("--version", help="model version (default: UTC timestamp)")
     df.add_argument("--no-progress", action="store_true")
+
+    ev = sub.add_parser(
+        "evaluate", help="privacy and utility of the edge's output on DS2 (report.md, report.json)",
+        description="Run the edge pipeline (file mode) over DS2 records and measure re-identification, "
+        "linkability and membership inference against the raw stream and the rhythm twin, and timing, HRV "
+        "and class F1 against the reference annotations.",
+    )
+    ev.add_argument("--data-dir", help=f"MIT-BIH directory (default ${DATA_DIR_ENV} or ./data/mitdb)")
+    ev.add_argument("--output", default="docs/evaluation", help="report directory (default docs/evaluation)")
+    ev.add_argument("--records", nargs="+", help="records (default: DS2)")
+    ev.add_argument("--minutes", type=float, default=10.0, help="minutes of each record (default 10)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--cache-dir", default=".cache/beats")
     return parser
 
 
@@ -131,6 +145,16 @@ def cmd_export(args: argparse.Namespace) -> int:
                              data_dir=args.data_dir, cache_dir=args.cache_dir, command=command)
     print(f"exported {result.contract.kind} v{result.contract.version} to {result.path} "
           f"(max abs error vs torch {result.max_abs_error:.2e})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from edge.records import DS2
+    from trainer.evaluate import evaluate, render
+
+    report = evaluate(args.data_dir, args.output, tuple(args.records or DS2), args.minutes, args.seed, args.cache_dir)
+    print(render(report))
+    print(f"wrote {args.output}/report.md and report.json")
     return 0
 
 
@@ -171,7 +195,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(_parser(), {"data": cmd_data, "fit": cmd_fit, "export": cmd_export, "defaults": cmd_defaults}, argv)
+    return run_command(_parser(), {"data": cmd_data, "fit": cmd_fit, "export": cmd_export, "defaults": cmd_defaults,
+                                   "evaluate": cmd_evaluate}, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,94 @@
+"""The privacy attacks give the answers known in advance on cases built to have them, and the
+re-identification attacker is strong on real beats (MIT-BIH slices)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge import codec
+from edge.records import read_record
+from trainer.dataset import rr_features
+from trainer.privacy import NearestNeighbourAttacker, auc, beat_features, linkability_auc, membership_auc
+
+DATA = Path(__file__).parent / "data"
+
+
+def _people(n_people: int = 6, beats: int = 80, noise: float = 0.3, seed: int = 0):  # noqa: ANN202
+    """Each person: a fixed random 'shape' plus per-beat noise."""
+    rng = np.random.default_rng(seed)
+    shapes = rng.standard_normal((n_people, 20))
+    x = np.concatenate([shapes[p] + noise * rng.standard_normal((beats, 20)) for p in range(n_people)])
+    who = np.repeat([f"p{p}" for p in range(n_people)], beats)
+    return x, who
+
+
+def test_auc_known_values() -> None:
+    assert auc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert auc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 0.0
+    assert auc(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == 0.5
+
+
+def test_an_identity_stream_is_reidentified_and_a_shuffled_one_is_not() -> None:
+    x, who = _people()
+    first = np.tile(np.arange(80) < 40, 6)
+    attacker = NearestNeighbourAttacker.enrol(x[first], who[first])
+    assert attacker.rank1(x[~first], who[~first]) > 0.95
+    assert attacker.rank1(x[~first], who[~first], window=10) == 1.0
+    shuffled = np.random.default_rng(1).permutation(who[~first])
+    # Labels that say nothing about the beats: chance (1/6) within sampling noise.
+    assert attacker.rank1(x[~first], shuffled) < 0.35
+
+
+def test_linkability_separates_people_and_not_strangers() -> None:
+    x, who = _people(beats=60)
+    sessions = [x[who == p][:30] for p in np.unique(who)] + [x[who == p][30:] for p in np.unique(who)]
+    people = list(np.unique(who)) * 2
+    assert linkability_auc(sessions, people) > 0.95
+    rng = np.random.default_rng(3)
+    random_sessions = [rng.standard_normal((30, 20)) for _ in range(12)]
+    assert 0.3 < linkability_auc(random_sessions, people) < 0.7
+
+
+def test_membership_of_copied_training_beats_is_detected() -> None:
+    rng = np.random.default_rng(5)
+    members, non_members = rng.standard_normal((300, 10)), rng.standard_normal((300, 10))
+    copies = members + 0.01 * rng.standard_normal(members.shape)  # a generator that memorised
+    assert membership_auc(members, non_members, copies) > 0.95
+    fresh = rng.standard_normal((300, 10))  # one that did not
+    assert 0.4 < membership_auc(members, non_members, fresh) < 0.6
+
+
+def test_the_attacker_reidentifies_real_people() -> None:
+    """Five MIT-BIH slices, enrolled on the first minute, tested on the second."""
+    feats, who = [], []
+    for name in ("100", "105", "119", "208", "232"):
+        rec = read_record(name, DATA)
+        enc = codec.encode(rec.signal, rec.beat_samples, rec.fs)
+        feats.append(beat_features(enc.beats, enc.scale, rr_features(rec.beat_samples, rec.fs)))
+        who.append(np.full(len(rec.beat_samples), name))
+        feats[-1] = np.concatenate([feats[-1], (rec.beat_samples >= 60 * rec.fs)[:, None]], axis=1)
+    x, who = np.concatenate(feats), np.concatenate(who)
+    second = x[:, -1] == 1
+    x = x[:, :-1]
+    attacker = NearestNeighbourAttacker.enrol(x[~second], who[~second])
+    assert attacker.rank1(x[second], who[second]) > 0.9
+
+
+def test_evaluate_writes_a_report_on_the_committed_slices(tmp_path: Path) -> None:
+    """The whole evaluation end to end, small: 'training' records 208 and 119, evaluated 100, 105, 232."""
+    import json
+
+    from trainer.evaluate import evaluate
+
+    report = evaluate(str(DATA), tmp_path, ("100", "105", "232"), minutes=2.0, cache_dir=None,
+                      training_records=("208", "119"))
+    assert (tmp_path / "report.md").read_text().startswith("# Evaluation")
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["reidentification"]["raw"]["rank1_beat"] > 0.9  # the attacker is strong on real beats
+    assert report["reidentification"]["product"]["rank1_beat"] < report["reidentification"]["raw"]["rank1_beat"]
+    assert all(row["se"] > 99 for row in report["timing"])
+    assert 0.0 <= report["membership_auc"] <= 1.0
+    f1 = report["class_f1"]  # the class each surrogate carries scores as the classifier does on real beats
+    assert abs(f1["edge"]["N"] - f1["raw"]["N"]) < 0.05 and abs(f1["edge"]["macro"] - f1["raw"]["macro"]) < 0.1
