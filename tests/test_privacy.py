@@ -83,12 +83,15 @@ def test_evaluate_writes_a_report_on_the_committed_slices(tmp_path: Path) -> Non
     from trainer.evaluate import evaluate
 
     report = evaluate(str(DATA), tmp_path, ("100", "105", "232"), minutes=2.0, cache_dir=None,
-                      training_records=("208", "119"))
+                      training_records=("208", "119"), curve=((0.0, 0.0), (1.0, 1.0)))
     assert (tmp_path / "report.md").read_text().startswith("# Evaluation")
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["reidentification"]["raw"]["rank1_beat"] > 0.9  # the attacker is strong on real beats
     assert report["reidentification"]["product"]["rank1_beat"] < report["reidentification"]["raw"]["rank1_beat"]
     assert all(row["se"] > 99 for row in report["timing"])
     assert 0.0 <= report["membership_auc"] <= 1.0
+    assert all(d["se"] > 95 for d in report["detection_xqrs"])  # an independent detector finds the surrogates
+    assert len(report["tradeoff"]) == 2 and (tmp_path / "tradeoff.png").stat().st_size > 0
+    assert (tmp_path / "strips.png").stat().st_size > 0
     f1 = report["class_f1"]  # the class each surrogate carries scores as the classifier does on real beats
     assert abs(f1["edge"]["N"] - f1["raw"]["N"]) < 0.05 and abs(f1["edge"]["macro"] - f1["raw"]["macro"]) < 0.1

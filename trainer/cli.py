@@ -118,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--minutes", type=float, default=10.0, help="minutes of each record (default 10)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--cache-dir", default=".cache/beats")
+    ev.add_argument("--baseline", help="image-baseline run directory, for the seed paper's rows (e.g. runs/image-baseline/001)")
+    ev.add_argument("--no-xqrs", action="store_true", help="skip wfdb's xqrs on the output (the slowest part)")
     return parser
 
 
@@ -152,7 +154,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from edge.records import DS2
     from trainer.evaluate import evaluate, render
 
-    report = evaluate(args.data_dir, args.output, tuple(args.records or DS2), args.minutes, args.seed, args.cache_dir)
+    report = evaluate(args.data_dir, args.output, tuple(args.records or DS2), args.minutes, args.seed, args.cache_dir,
+                      baseline_run=args.baseline, detect_with_xqrs=not args.no_xqrs)
     print(render(report))
     print(f"wrote {args.output}/report.md and report.json")
     return 0

@@ -36,7 +36,9 @@ from trainer.privacy import NearestNeighbourAttacker, beat_features, linkability
 
 log = logging.getLogger(__name__)
 
-STREAMS = ("raw", "product", "twin")
+STREAMS = ("raw", "product", "twin", "image baseline")
+#: Knob settings of the privacy-utility curve: (persona_spread, beat_spread).
+CURVE = ((0.0, 0.0), (0.5, 0.5), (1.0, 1.0), (1.5, 1.5), (2.0, 2.0))
 
 
 class RhythmTwin:
@@ -50,6 +52,20 @@ class RhythmTwin:
 
     def generate(self, persona: np.ndarray, z: np.ndarray, label: np.ndarray, rr: np.ndarray) -> np.ndarray:
         return self.templates[np.asarray(label)]
+
+
+class ImageBaselineGenerator:
+    """The seed paper's image GAN behind the edge's generator interface: it has no persona and
+    no RR input, only the class."""
+
+    def __init__(self, contract: Any, baseline: Any, seed: int = 0) -> None:
+        self.contract = contract
+        self.baseline = baseline
+        self.rng = np.random.default_rng(seed)
+        self.sha256 = "image-baseline"
+
+    def generate(self, persona: np.ndarray, z: np.ndarray, label: np.ndarray, rr: np.ndarray) -> np.ndarray:
+        return self.baseline.sample(np.asarray(label), self.rng).astype(np.float32)
 
 
 @dataclass
@@ -96,7 +112,8 @@ def _f1(ref: list[str], pred: list[str]) -> dict[str, float]:
 
 def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, ...] = DS2, minutes: float = 10.0,
              seed: int = 0, cache_dir: str | None = ".cache/beats",
-             training_records: tuple[str, ...] = DS1) -> dict[str, Any]:
+             training_records: tuple[str, ...] = DS1, baseline_run: str | Path | None = None,
+             curve: tuple[tuple[float, float], ...] = CURVE, detect_with_xqrs: bool = True) -> dict[str, Any]:
     """Run the evaluation and write ``report.md`` and ``report.json`` into ``output_dir``.
 
     ``training_records`` are the generator's training records: the rhythm twin's beat shapes and
@@ -108,9 +125,17 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
     templates = np.stack([ds1.beats[ds1.labels == k].mean(axis=0) if (ds1.labels == k).any()
                           else np.zeros(ds1.beats.shape[1]) for k in range(len(AAMI_CLASSES))])
     twin = RhythmTwin(gen.contract, templates)
-    halves: dict[str, list[Session]] = {s: [] for s in STREAMS}  # second halves (test)
+    generators: dict[str, tuple[Any, dict[str, float]]] = {"product": (gen, {}), "twin": (twin, {"persona_spread": 0.0})}
+    if baseline_run is not None:
+        from trainer.pipeline import load_run
+
+        generators["image baseline"] = (ImageBaselineGenerator(gen.contract, load_run(baseline_run)["module"], seed), {})
+    streams = ["raw", *generators]
+    halves: dict[str, list[Session]] = {s: [] for s in streams}  # second halves (test)
     enrol_x, enrol_who = [], []
-    link: dict[str, list[Session]] = {s: [] for s in STREAMS}
+    link: dict[str, list[Session]] = {s: [] for s in streams}
+    detection, strip = [], None
+    curve_parts: dict[tuple[float, float], list[tuple[np.ndarray, str, list[str], list[str]]]] = {k: [] for k in curve}
     timing, hrv_rows, class_rows = [], [], {"edge": ([], []), "reclassified": ([], []), "raw": ([], [])}
     for i, name in enumerate(records):
         rec = read_record(name, data_dir, 0, sampto=None)
@@ -125,9 +150,12 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
         enrol_x.append(feats[first])
         enrol_who += [name] * int(first.sum())
         halves["raw"].append(Session(feats[~first], [c for c, f in zip(ref_cls, first) if not f], name))
-        # Product and twin over the whole excerpt (one session each), tested on the second half.
-        for stream, generator, extra in (("product", gen, {}), ("twin", twin, {"persona_spread": 0.0})):
+        # Each generator over the whole excerpt (one session each), tested on the second half.
+        for stream, (generator, extra) in generators.items():
             out, r, labels = _anonymize(x, fs, generator, cls, seed + i, **extra)
+            if i == 0:
+                strip = strip or {"record": name, "fs": fs, "raw": x}
+                strip[stream] = out
             sel = r >= half
             halves[stream].append(Session(_encode_at(out, r[sel], fs) if sel.any() else np.empty((0, 99)),
                                           [], name))
@@ -139,6 +167,8 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
                                "within_1_sample_of_reference": float(np.mean(np.abs(offsets) <= 1)),
                                "median_abs_offset_samples": float(np.median(np.abs(offsets)))})
                 hrv_rows.append({"record": name, "reference": _hrv(ref_r, fs), "anonymized": _hrv(r, fs)})
+                if detect_with_xqrs:
+                    detection.append({"record": name, **_xqrs_score(out, ref_r, fs)})
                 enc = codec.encode(np.nan_to_num(out), r, fs)
                 again = cls.classify(enc.beats, rr_features(r, fs))
                 enc_raw = codec.encode(x, ref_r, fs)
@@ -155,24 +185,43 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
         for part, (lo, hi) in enumerate(((0, half), (half, n))):
             sub = (ref_r >= lo) & (ref_r < hi)
             link["raw"].append(Session(feats[sub], [], name))
-            for stream, generator, extra in (("product", gen, {}), ("twin", twin, {"persona_spread": 0.0})):
+            for stream, (generator, extra) in generators.items():
                 out, r, _ = _anonymize(x[lo:hi], fs, generator, cls, 1000 * (part + 1) + seed + i, **extra)
                 link[stream].append(Session(_encode_at(out, r, fs) if len(r) else np.empty((0, 99)), [], name))
+        # Privacy-utility curve: the second half under each knob setting.
+        for persona_spread, beat_spread in curve:
+            out, r, _ = _anonymize(x[half:], fs, gen, cls, 5000 + seed + i, persona_spread=persona_spread,
+                                   beat_spread=beat_spread)
+            if len(r):
+                paired = match_beats(ref_r[~first] - half, r, round(0.15 * fs))
+                again = cls.classify(codec.encode(np.nan_to_num(out), r, fs).beats, rr_features(r, fs))
+                ref_half = [c for c, f in zip(ref_cls, first) if not f]
+                pairs = [(ref_half[p], AAMI_CLASSES[int(again[k])]) for k, p in enumerate(paired) if p >= 0]
+                curve_parts[(persona_spread, beat_spread)].append(
+                    (_encode_at(out, r, fs), name, [a for a, _ in pairs], [b for _, b in pairs]))
         log.info("evaluated %s (%d/%d)", name, i + 1, len(records))
     attacker = NearestNeighbourAttacker.enrol(np.concatenate(enrol_x), np.array(enrol_who))
     reid = {}
-    for stream in STREAMS:
+    for stream in streams:
         sessions = [s for s in halves[stream] if len(s.features)]
         feats = np.concatenate([s.features for s in sessions])
         who = np.concatenate([[s.subject] * len(s.features) for s in sessions])
         reid[stream] = {"rank1_beat": attacker.rank1(feats, who, 1), "rank1_10_beats": attacker.rank1(feats, who, 10)}
     linkability = {stream: linkability_auc([s.features for s in link[stream]], [s.subject for s in link[stream]])
-                   for stream in STREAMS}
+                   for stream in streams}
+    tradeoff = []
+    for (persona_spread, beat_spread), parts in curve_parts.items():
+        feats = np.concatenate([p[0] for p in parts])
+        who = np.concatenate([[p[1]] * len(p[0]) for p in parts])
+        ref_labels = [c for p in parts for c in p[2]]
+        pred = [c for p in parts for c in p[3]]
+        tradeoff.append({"persona_spread": persona_spread, "beat_spread": beat_spread,
+                         "rank1_beat": attacker.rank1(feats, who, 1), "macro_f1": _f1(ref_labels, pred)["macro"]})
     membership = _membership(gen, ds1, load_records(records, data_dir, cache_dir), seed)
     report = {
         "records": list(records), "minutes_per_record": minutes, "chance": 1.0 / len(records),
         "reidentification": reid, "linkability_auc": linkability, "membership_auc": membership,
-        "timing": timing, "hrv": hrv_rows,
+        "streams": streams, "timing": timing, "hrv": hrv_rows, "detection_xqrs": detection, "tradeoff": tradeoff,
         "class_f1": {k: _f1(*v) for k, v in class_rows.items()},
         "seconds": time.monotonic() - t0,
     }
@@ -180,7 +229,72 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     (out / "report.md").write_text(render(report))
+    if strip is not None:
+        plot_strips(out / "strips.png", strip)
+    if tradeoff:
+        plot_tradeoff(out / "tradeoff.png", report)
     return report
+
+
+def _xqrs_score(signal: np.ndarray, reference: np.ndarray, fs: float) -> dict[str, float]:
+    """wfdb's xqrs, a detector the product never used, on the anonymized output (masked
+    samples as zero) against the reference annotations."""
+    import wfdb.processing
+
+    found = wfdb.processing.xqrs_detect(np.nan_to_num(signal), fs, verbose=False)
+    s = score_beats(reference, np.asarray(found, dtype=np.int64), fs)
+    return {"se": s.sensitivity, "ppv": s.positive_predictivity}
+
+
+def plot_strips(path: Path, strip: dict[str, Any], seconds: float = 10.0) -> None:
+    """10 s of one record: the original and each anonymized stream, one under the other."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fs = strip["fs"]
+    names = [k for k in ("raw", "product", "twin", "image baseline") if k in strip]
+    lo = round(60 * fs)
+    hi = lo + round(seconds * fs)
+    t = np.arange(lo, hi) / fs
+    fig, axes = plt.subplots(len(names), 1, figsize=(12, 1.9 * len(names)), sharex=True)
+    for ax, name in zip(axes, names):
+        ax.plot(t, strip[name][lo:hi], lw=0.8, color="0.3" if name == "raw" else "C0")
+        ax.set_title({"raw": f"original (MIT-BIH {strip['record']})", "product": "anonymized (product)",
+                      "twin": "rhythm twin (one fixed beat per class)", "image baseline": "image baseline (seed paper)"}[name],
+                     fontsize=9, loc="left")
+        ax.set_ylabel("mV")
+        ax.grid(alpha=0.2)
+    axes[-1].set_xlabel("s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_tradeoff(path: Path, report: dict[str, Any]) -> None:
+    """Re-identification (rank-1, single beats) against class F1 on the emitted beats."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    pts = report["tradeoff"]
+    ax.plot([p["rank1_beat"] * 100 for p in pts], [p["macro_f1"] for p in pts], "o-", color="C0")
+    for p in pts:
+        ax.annotate(f"persona {p['persona_spread']:g}, beat {p['beat_spread']:g}",
+                    (p["rank1_beat"] * 100, p["macro_f1"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.axvline(100 * report["chance"], color="0.5", ls=":", label="chance")
+    ax.axvline(200 * report["chance"], color="C3", ls="--", label="target: 2x chance")
+    ax.axhline(report["class_f1"]["raw"]["macro"], color="0.3", ls="-.", label="classifier on real beats")
+    ax.set_xlabel("re-identification rank-1, single beats (%)")
+    ax.set_ylabel("macro F1 (N, S, V, F) of the emitted beats")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _membership(gen: GeneratorSession, ds1: BeatSet, ds2: BeatSet, seed: int) -> float:
@@ -206,7 +320,12 @@ def render(report: dict[str, Any]) -> str:
     reid, link = report["reidentification"], report["linkability_auc"]
     rows = "\n".join(
         f"| {s} | {100 * reid[s]['rank1_beat']:.1f} % | {100 * reid[s]['rank1_10_beats']:.1f} % | "
-        f"{reid[s]['rank1_beat'] / chance:.1f}x | {link[s]:.3f} |" for s in STREAMS)
+        f"{reid[s]['rank1_beat'] / chance:.1f}x | {link[s]:.3f} |" for s in report["streams"])
+    det = report.get("detection_xqrs") or []
+    detection = (f"wfdb's xqrs on the anonymized output: Se {np.mean([d['se'] for d in det]):.2f} %, "
+                 f"+P {np.mean([d['ppv'] for d in det]):.2f} % (mean over records)." if det else "")
+    curve = "\n".join(f"| {p['persona_spread']:g} | {p['beat_spread']:g} | {100 * p['rank1_beat']:.1f} % | "
+                       f"{p['macro_f1']:.3f} |" for p in report.get("tradeoff", []))
     t = report["timing"]
     timing = np.mean([r["within_1_sample_of_reference"] for r in t])
     se = np.mean([r["se"] for r in t])
@@ -235,6 +354,10 @@ Chance is {100 * chance:.1f} %. Linkability: each half anonymized as its own ses
 |---|---|---|---|---|
 {rows}
 
+Each stream of each record is one session with one persona, so these rank-1 figures rest on 22
+persona draws and move by several points between runs (compare the product row with the
+trade-off table's persona 1 / beat 1 row below, the same setting on a fresh session).
+
 Membership inference on the generator (nearest generated beat; DS1 members vs DS2 non-members):
 AUC {report['membership_auc']:.3f} (target <= 0.55).
 
@@ -245,6 +368,7 @@ AUC {report['membership_auc']:.3f} (target <= 0.55).
   surrogate exactly on its own detected R; the annotators' marks differ from any detector's).
 - Heart rate and HRV, anonymized vs reference, mean absolute difference per record:
   HR {err('hr_bpm'):.2f} bpm, SDNN {err('sdnn_ms'):.1f} ms, RMSSD {err('rmssd_ms'):.1f} ms.
+- {detection}
 
 Per-class F1 against the reference labels:
 
@@ -254,4 +378,18 @@ Per-class F1 against the reference labels:
 
 `raw`: the shipped classifier on the real beats; `edge`: the class each surrogate carries;
 `reclassified`: the shipped classifier re-run on the emitted (anonymized) beats.
+
+![10 s strips](strips.png)
+
+## Privacy-utility trade-off
+
+The second half of every record anonymized again under each setting of the persona and per-beat
+latent scales; re-identification by the same attacker, utility as the macro F1 of the classifier
+re-run on the emitted beats.
+
+| persona spread | beat spread | rank-1, single beats | macro F1 |
+|---|---|---|---|
+{curve}
+
+![privacy-utility trade-off](tradeoff.png)
 """
