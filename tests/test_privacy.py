@@ -95,3 +95,26 @@ def test_evaluate_writes_a_report_on_the_committed_slices(tmp_path: Path) -> Non
     assert (tmp_path / "strips.png").stat().st_size > 0
     f1 = report["class_f1"]  # the class each surrogate carries scores as the classifier does on real beats
     assert abs(f1["edge"]["N"] - f1["raw"]["N"]) < 0.05 and abs(f1["edge"]["macro"] - f1["raw"]["macro"]) < 0.1
+
+
+def test_hrv_and_f1_helpers_give_known_answers() -> None:
+    from trainer.evaluate import _f1, _hrv
+
+    steady = _hrv(np.arange(0, 60 * 360, 360), 360.0)  # one beat a second
+    assert steady["hr_bpm"] == 60.0 and steady["sdnn_ms"] == 0.0 and steady["rmssd_ms"] == 0.0
+    alternating = np.concatenate([[0], np.cumsum(np.tile([288, 432], 20))])  # RR 0.8, 1.2, 0.8 s ... at 360 Hz
+    h = _hrv(alternating, 360.0)
+    assert abs(h["hr_bpm"] - 60.0) < 1e-9 and abs(h["rmssd_ms"] - 400.0) < 1e-6
+    assert abs(h["sdnn_ms"] - 1000 * np.std(np.diff(alternating) / 360.0, ddof=1)) < 1e-9
+    f1 = _f1(["N", "N", "V", "V"], ["N", "V", "V", "V"])
+    assert f1["N"] == 2 / 3 and f1["V"] == 0.8 and f1["macro"] == (2 / 3 + 0.8) / 2
+
+
+def test_xqrs_on_the_original_signal_finds_its_beats() -> None:
+    from trainer.evaluate import _xqrs_score
+
+    rec = read_record("100", DATA)
+    score = _xqrs_score(rec.signal, rec.beat_samples, rec.fs)
+    assert score["se"] > 98 and score["ppv"] > 98
+    flat = _xqrs_score(np.zeros_like(rec.signal), rec.beat_samples, rec.fs)  # nothing to find
+    assert not flat["se"] > 5
