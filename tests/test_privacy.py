@@ -89,7 +89,8 @@ def test_evaluate_writes_a_report_on_the_committed_slices(tmp_path: Path) -> Non
     assert saved["reidentification"]["raw"]["rank1_beat"] > 0.9  # the attacker is strong on real beats
     assert report["reidentification"]["product"]["rank1_beat"] < report["reidentification"]["raw"]["rank1_beat"]
     assert all(row["se"] > 99 for row in report["timing"])
-    assert 0.0 <= report["membership_auc"] <= 1.0
+    assert set(report["membership_auc"]) == {"product", "twin"}
+    assert all(0.0 <= v <= 1.0 for v in report["membership_auc"].values())
     assert all(d["se"] > 95 for d in report["detection_xqrs"])  # an independent detector finds the surrogates
     assert len(report["tradeoff"]) == 2 and (tmp_path / "tradeoff.png").stat().st_size > 0
     assert (tmp_path / "strips.png").stat().st_size > 0
