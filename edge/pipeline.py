@@ -86,7 +86,6 @@ class Anonymizer:
         self.streams: dict[str, BeatStream] = {}
         self._info: dict[str, SessionInfo] = {}
         self._dirty: set[str] = set()  # devices fed since the last step
-        self._wall0 = time.time() - clock()
 
     # ------------------------------------------------------------------------------------------
     def swap_models(self, generator: GeneratorSession | None = None, classifier: ClassifierSession | None = None) -> None:

@@ -4,7 +4,8 @@ sinks publish. bleak, the MQTT client and the replays all live on this loop (DES
 Each source runs as its own task and feeds frames as they come (detection is per frame and
 cheap); the tick runs one model batch over every stream's ready beats every ``tick_s``, so a
 stream never waits on another stream's input, and the models see large batches under load.
-Model refresh swaps sessions between ticks (``swap_models``): no batch ever mixes two models.
+A model refresh (``Anonymizer.swap_models``, called on this loop) takes effect between ticks: no
+batch ever mixes two models.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 
 from edge.frames import Sink, SourceEvent
-from edge.models import ClassifierSession, GeneratorSession
 from edge.pipeline import Anonymizer, StepOutput
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,6 @@ class EdgeService:
                 out = self.anonymizer.step()
                 if out:
                     await self._publish(out)
-
-    def swap_models(self, generator: GeneratorSession | None = None, classifier: ClassifierSession | None = None) -> None:
-        """Use new sessions from the next tick on (the loop runs one tick at a time)."""
-        self.anonymizer.swap_models(generator, classifier)
 
     async def run(self, sources: Sequence[AsyncIterator[SourceEvent]], stop_when_sources_end: bool = True) -> None:
         """Run until every source ends (replays, tests) or forever (live sources); close sessions."""
