@@ -78,6 +78,7 @@ class BeatStream:
         self.spec = spec
         self._detector_config = detector
         self.detector = StreamingQRSDetector(self.fs, detector)
+        self._detector_offset = 0  # input sample of the detector's sample 0 (moves when it restarts)
         self.enc_before, self.enc_after = codec.encode_span(self.fs, spec)
         self.dec_before, _ = codec.decode_span(self.fs, spec)
         self.splicer = Splicer(self.fs, lost_s=lost_s)
@@ -123,13 +124,12 @@ class BeatStream:
         # The new detector counts from zero: offset its output by the current head.
         self._detector_offset = self.head
 
-    _detector_offset = 0
-
     def _push(self, x: np.ndarray, now: float) -> None:
+        peaks = self.detector.feed(x)  # first: if the detector raises, the stream is unchanged
         self._buf = np.concatenate([self._buf, x])
         self.head += x.size
         self._arrivals.append((self.head, now))
-        for peak in self.detector.feed(x):
+        for peak in peaks:
             self._add_peak(peak.sample + self._detector_offset)
         self._encode_ready()
         drop = len(self._buf) - self._keep

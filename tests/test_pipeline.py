@@ -309,3 +309,29 @@ def test_splicer_masks_unrenderable_beats_and_lost_rhythm_and_drops_late_beats()
     assert np.isnan(out[400 + 720 + 1 :]).all()  # more than 2 s after the last R-peak
     assert not splicer.place(1400, 1320, np.ones(160))  # its R-peak already went out
     assert splicer.dropped == 1
+
+
+def test_a_detector_that_fails_masks_its_frame_and_restarts(sessions) -> None:  # noqa: ANN001
+    gen, cls = sessions
+    x, fs = _slice("100")
+    anonymizer = Anonymizer(gen, cls, PipelineSettings(seed=1))
+    failed_at = 40 * 90  # the 41st quarter-second frame
+    out = []
+    for frame in frames("strap", x, fs, 0.25):
+        if frame.seq == failed_at:
+            def broken(_samples):  # noqa: ANN001, ANN202
+                raise FloatingPointError("simulated detector fault")
+
+            anonymizer.streams["strap"].detector.feed = broken
+        anonymizer.feed(frame)
+        out.append(anonymizer.step())
+    out.append(anonymizer.end("strap"))
+    signal = np.full(len(x), -1.0)
+    for step in out:
+        for f in step.frames:
+            signal[f.start : f.start + len(f.samples)] = f.samples
+    assert anonymizer.metrics.bad_input.labels("detector")._value.get() == 1
+    assert np.isnan(signal[failed_at : failed_at + 90]).all()  # the failed frame is masked
+    assert not (signal == -1.0).any()  # and every sample still has an output sample
+    beats = [b.sample for step in out for b in step.beats]
+    assert len([b for b in beats if b > failed_at + 5 * fs]) > 100  # the restarted detector goes on
