@@ -18,11 +18,10 @@ from edge import models
 from edge.metrics import EdgeMetrics
 from edge.pipeline import Anonymizer, PipelineSettings, StepOutput
 from edge.replay import frames, read_wfdb
+from edge.sinks import ADC_GAIN
 
 log = logging.getLogger(__name__)
 
-#: Output resolution: 1 µV per ADC unit in 16-bit samples covers +-32 mV.
-ADC_GAIN = 1000.0
 
 
 @dataclass

@@ -240,6 +240,7 @@ class Anonymizer:
         if ready:
             self._render(ready)
         out = StepOutput()
+        classes = self.spec_classes()
         for device, stream in touched:
             is_final = device in final
             if not is_final and not stream.due(round(self.settings.emit_s * stream.fs)):
@@ -250,7 +251,6 @@ class Anonymizer:
                 continue
             out.frames.append(AnonFrame(stream.pseudonym, stream.fs, emitted.start, emitted.samples,
                                         self._time(stream, emitted.start)))
-            classes = self.spec_classes()
             for (r, label), latency in zip(emitted.beats, emitted.latency):
                 out.beats.append(AnonBeat(stream.pseudonym, r, classes[label], stream.fs, self._time(stream, r)))
                 self.metrics.beats.labels(classes[label]).inc()

@@ -42,7 +42,6 @@ from trainer.privacy import (
 
 log = logging.getLogger(__name__)
 
-STREAMS = ("raw", "product", "twin", "image baseline")
 #: Knob settings of the privacy-utility curve: (persona_spread, beat_spread).
 CURVE = ((0.0, 0.0), (0.5, 0.5), (1.0, 1.0), (1.5, 1.5), (2.0, 2.0))
 
@@ -155,7 +154,9 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
         ref_r, ref_sym = rec.beat_samples[keep], rec.beat_symbols[keep]
         ref_cls = [AAMI_OF_SYMBOL[s] for s in ref_sym]
         half = n // 2
-        feats = _encode_at(x, ref_r, fs)
+        enc_raw = codec.encode(x, ref_r, fs)
+        raw_rr = rr_features(ref_r, fs)
+        feats = beat_features(enc_raw.beats, enc_raw.scale, raw_rr)
         first = ref_r < half
         enrol_x.append(feats[first])
         enrol_who += [name] * int(first.sum())
@@ -185,10 +186,8 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
                     hrv_rows.append({"record": name, "reference": _hrv(ref_r, fs), "anonymized": _hrv(r, fs)})
                     if detect_with_xqrs:
                         detection.append({"record": name, **_xqrs_score(out, ref_r, fs)})
-                    enc = codec.encode(np.nan_to_num(out), r, fs)
                     again = cls.classify(enc.beats, rr_features(r, fs))
-                    enc_raw = codec.encode(x, ref_r, fs)
-                    raw_pred = cls.classify(enc_raw.beats, rr_features(ref_r, fs))
+                    raw_pred = cls.classify(enc_raw.beats, raw_rr)
                     for k, p in enumerate(paired):
                         if p >= 0:
                             class_rows["edge"][0].append(ref_cls[p])
