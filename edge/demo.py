@@ -205,6 +205,8 @@ def plot(path: Path, raw: np.ndarray, anon: np.ndarray, fs: float, beats: list[t
     axes[1].set_title("anonymized, as received by a subscriber (surrogate class above each beat)",
                       fontsize=10, loc="left")
     top = np.nanmax(anon[lo:hi]) if np.isfinite(anon[lo:hi]).any() else 1.0
+    bottom = np.nanmin(anon[lo:hi]) if np.isfinite(anon[lo:hi]).any() else -1.0
+    axes[1].set_ylim(bottom - 0.05 * (top - bottom), top + 0.2 * (top - bottom))  # room for the labels
     for s, label, _ in beats:
         if lo <= s < hi:
             axes[1].annotate(label, (s / fs, top), ha="center", fontsize=8, color="C3" if label != "N" else "0.2")
