@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -50,12 +51,27 @@ async def run(cfg: EdgeConfig, stop_when_sources_end: bool = False) -> EdgeServi
     async with contextlib.AsyncExitStack() as stack:
         sinks: list[Any] = []
         sources: list[AsyncIterator[SourceEvent]] = []
+        mqtt_sink = None
+        # Names the edge's status topic and, in a cluster, the worker (sources.mqtt.shards = "auto").
+        edge_id = (cfg.sinks.mqtt.edge_id if cfg.sinks.mqtt else None) or f"edge-{secrets.token_hex(4)}"
+        members: list[Any] = []
         if cfg.sinks.mqtt is not None:
             from edge.mqtt import MqttSink
 
-            sink = MqttSink(broker_config(cfg), cfg.sinks.mqtt.topic_prefix,
-                            edge_id=cfg.sinks.mqtt.edge_id or f"edge-{secrets.token_hex(4)}")
-            sinks.append(await stack.enter_async_context(sink))
+            mqtt_sink = MqttSink(broker_config(cfg), cfg.sinks.mqtt.topic_prefix,
+                                 edge_id=edge_id)
+            await mqtt_sink.update_status(models=anonymizer.models())  # in the first online status
+            sinks.append(await stack.enter_async_context(mqtt_sink))
+        if cfg.refresh.enabled:
+            from edge.announce import load_public_key
+            from edge.refresh import ModelRefresher
+
+            refresher = ModelRefresher(
+                broker_config(cfg), anonymizer, [load_public_key(p) for p in cfg.refresh.public_keys],
+                topic_prefix=cfg.refresh.topic_prefix, max_model_bytes=cfg.refresh.max_model_bytes,
+                report=mqtt_sink.update_status if mqtt_sink is not None else None,
+            )
+            await stack.enter_async_context(refresher)
         if cfg.sinks.wfdb is not None:
             from edge.sinks import WfdbSink
 
@@ -64,9 +80,20 @@ async def run(cfg: EdgeConfig, stop_when_sources_end: bool = False) -> EdgeServi
             from edge.mqtt import MqttSource, RawLimits, shard_subscriptions
 
             limits = RawLimits(max_samples=m.max_frame_samples)
-            subscriptions = shard_subscriptions(m.shards, m.topic_prefix) if m.shards else None
-            source = MqttSource(broker_config(cfg), m.topic_prefix, subscriptions=subscriptions, limits=limits,
-                                max_gap_s=cfg.pipeline.max_gap_s)
+            if m.shards == "auto":
+                from edge.cluster import ShardedSource
+
+                assert m.shard_count is not None  # the config requires it
+                source = ShardedSource(broker_config(cfg), m.topic_prefix, edge_id=edge_id, shard_count=m.shard_count,
+                                       handover_timeout_s=m.handover_timeout_s, limits=limits,
+                                       max_gap_s=cfg.pipeline.max_gap_s)
+                members.append(source)
+            else:
+                subscriptions = shard_subscriptions(m.shards, m.topic_prefix) if m.shards else None
+                if m.shared_group:  # the broker keeps each topic on one member (docs/scale-out.md)
+                    subscriptions = [f"$share/{m.shared_group}/{m.topic_prefix.rstrip('/')}/#"]
+                source = MqttSource(broker_config(cfg), m.topic_prefix, subscriptions=subscriptions, limits=limits,
+                                    max_gap_s=cfg.pipeline.max_gap_s)
             sources.append(aiter(await stack.enter_async_context(source)))
         for b in cfg.sources.ble:
             from edge.ble import Backoff, PolarH10Source
@@ -79,11 +106,27 @@ async def run(cfg: EdgeConfig, stop_when_sources_end: bool = False) -> EdgeServi
         service = EdgeService(anonymizer, sinks, cfg.pipeline.tick_s)
         log.info("edge running: %d source(s), %d sink(s), generator v%s, classifier v%s", len(sources), len(sinks),
                  gen.contract.version, cls.contract.version)
-        await service.run(sources, stop_when_sources_end)
+        if members:  # a stop hands this worker's shards to the others first
+            from edge.cluster import hand_over_on_stop
+
+            await hand_over_on_stop(service.run(sources, stop_when_sources_end), members)
+        else:
+            await service.run(sources, stop_when_sources_end)
     return service
 
 
 def main(cfg: EdgeConfig) -> int:
+    """Run until Ctrl-C or SIGTERM (what Docker and systemd send): both stop the edge the same,
+    graceful way (shards handed over, sessions ended, offline status published)."""
+
+    async def until_stopped() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows event loops
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await run(cfg)
+
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(cfg))
+        asyncio.run(until_stopped())
     return 0

@@ -62,9 +62,17 @@ class Tally:
             (self.ended if body["state"] == "ended" else self.online).add(name)
 
 
-def _topic(i: int, workers: int) -> str:
-    """Wearable i's raw topic: sharded by i mod workers when several edge workers share the fleet."""
-    return f"ecg/raw/{i % workers}/wearable-{i:04d}" if workers > 1 else f"ecg/raw/wearable-{i:04d}"
+def _topic(i: int, workers: int, shard_count: int = 0) -> str:
+    """Wearable i's raw topic: sharded when several edge workers share the fleet, by i mod workers
+    (static shards) or, with ``shard_count``, by ``shard_of(device, shard_count)`` (shared shards)."""
+    device = f"wearable-{i:04d}"
+    if workers <= 1:
+        return f"ecg/raw/{device}"
+    if shard_count:
+        from edge.mqtt import shard_of
+
+        return f"ecg/raw/{shard_of(device, shard_count)}/{device}"
+    return f"ecg/raw/{i % workers}/{device}"
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -74,7 +82,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 async def _fleet(host: str, port: int, wearables: int, seconds: float, signal_uv: np.ndarray, fs: float,
-                 frame: int, tally: Tally, workers: int) -> dict[str, float]:
+                 frame: int, tally: Tally, workers: int, shard_count: int = 0) -> dict[str, float]:
     import logging
 
     import aiomqtt
@@ -87,6 +95,7 @@ async def _fleet(host: str, port: int, wearables: int, seconds: float, signal_uv
     offsets = rng.integers(0, len(signal_uv), wearables)
     doubled = np.concatenate([signal_uv, signal_uv])
     n_frames = int(seconds * fs / frame)
+    topics = [_topic(i, workers, shard_count) for i in range(wearables)]
     sent_frames = 0
     lag = []
     async with aiomqtt.Client(host, port, max_queued_outgoing_messages=0) as sub, \
@@ -114,10 +123,10 @@ async def _fleet(host: str, port: int, wearables: int, seconds: float, signal_uv
                 lag.append(max(0.0, time.monotonic() - due))
                 start = (offsets[i] + k * frame) % len(signal_uv)
                 payload = encode_raw(doubled[start : start + frame] / 1000.0, fs, k * frame, units="uV")
-                batch.append(pub.publish(_topic(i, workers), payload, qos=1))
+                batch.append(pub.publish(topics[i], payload, qos=1))
                 sent_frames += 1
             await asyncio.gather(*batch)
-        await asyncio.gather(*(pub.publish(_topic(i, workers), encode_end(), qos=1) for i in range(wearables)))
+        await asyncio.gather(*(pub.publish(topics[i], encode_end(), qos=1) for i in range(wearables)))
         deadline = time.monotonic() + 60
         while len(tally.ended) < wearables and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
@@ -139,6 +148,7 @@ def main(args: argparse.Namespace) -> int:
     signal_uv = np.round(resample_poly(signal, 13, 36) * 1000.0)
     frame = args.frame
     workers = max(1, args.workers)
+    shard_count = getattr(args, "shard_count", 0) or 0
     with tempfile.TemporaryDirectory() as tmp, run_mosquitto(Path(tmp) / "broker") as (host, port):
         edges, metrics_ports, logs = [], [], []
         profile = ["-m", "cProfile", "-o", os.environ["ECG_EDGE_PROFILE"]] if os.environ.get("ECG_EDGE_PROFILE") else []
@@ -146,6 +156,8 @@ def main(args: argparse.Namespace) -> int:
             config = Path(tmp) / f"edge{w}.toml"
             metrics_ports.append(free_port())
             shards = f"shards = {json.dumps([str(w)])}" if workers > 1 else ""
+            if workers > 1 and shard_count:
+                shards = f'shards = "auto"\nshard_count = {shard_count}'
             config.write_text(f"""
 [broker]
 host = "{host}"
@@ -172,7 +184,8 @@ port = {metrics_ports[-1]}
             raise RuntimeError(f"an edge worker exited at start (log: {args.edge_log or 'pass --edge-log'})")
         tally = Tally()
         cpu0, wall0 = sum(_cpu_seconds(e.pid) for e in edges), time.monotonic()
-        stats = asyncio.run(_fleet(host, port, args.wearables, args.seconds, signal_uv, fs, frame, tally, workers))
+        stats = asyncio.run(_fleet(host, port, args.wearables, args.seconds, signal_uv, fs, frame, tally, workers,
+                                   shard_count))
         cpu = sum(_cpu_seconds(e.pid) for e in edges) - cpu0
         wall = time.monotonic() - wall0
         import urllib.request
@@ -209,14 +222,18 @@ port = {metrics_ports[-1]}
         from edge.bench_detector import write_section
 
         command = "ecg-edge " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        sharding = (
+            f"With several workers, wearable i publishes on `ecg/raw/<shard_of(device, {shard_count})>/<device>` and "
+            f'the workers share the shards (`shards = "auto"`, docs/scale-out.md).' if workers > 1 and shard_count else
+            "With several workers, wearable i publishes on `ecg/raw/<i mod W>/<device>` and worker w subscribes to "
+            'its shard only (`shards = ["w"]`).')
         body = f"""## Fleet through mosquitto: {args.wearables} wearables at 130 Hz for {args.seconds:g} s, {workers} edge worker(s)
 
 Command: `{command}` ({platform.machine()}, {os.cpu_count()} cores shared by mosquitto, the edge
 process and the process playing the wearables and subscribing). Each wearable publishes
 {frame}-sample frames of integer µV (like a Polar H10) on `ecg/raw/<device>` with QoS 1, in real
 time; the edge (`ecg-edge run`, MQTT source and sink) publishes `ecg/anon/<pseudonym>/...`; a
-subscriber counts every anonymized sample per session. With several workers, wearable i publishes
-on `ecg/raw/<i mod W>/<device>` and worker w subscribes to its shard only (`shards = ["w"]`).
+subscriber counts every anonymized sample per session. {sharding}
 
 | measure | value |
 |---|---|
@@ -232,7 +249,7 @@ on `ecg/raw/<i mod W>/<device>` and worker w subscribes to its shard only (`shar
 
 Result: **{"every anonymized frame delivered" if ok else "frames missing"}**.
 """
-        write_section(args.output, f"{SECTION}-{workers}", body)
+        write_section(args.output, f"{SECTION}-{workers}" + ("-auto" if workers > 1 and shard_count else ""), body)
         print(f"wrote {args.output}")
     return 0 if ok else 1
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
+import secrets
 import shlex
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -31,6 +33,7 @@ commands:
   run             the edge as configured in edge.toml (BLE and MQTT sources, MQTT and WFDB sinks)
   anonymize       a WFDB record through the same streaming pipeline, written as a WFDB record
   detect          find the R-peaks of a WFDB record with the streaming QRS detector
+  simulate        a simulated wearable: play a WFDB record on ecg/raw/<device> over MQTT, pass after pass
   bench           throughput, latency and memory of the pipeline with many simulated wearables
   bench-fleet     simulated wearables through a real mosquitto, every anonymized frame counted
   bench-detector  score the detector and published peers on the whole MIT-BIH database
@@ -41,6 +44,7 @@ examples:
   ecg-edge demo                        # embedded broker, bundled record, results in ./out/demo
   ecg-edge anonymize 100 out/100_anon --data-dir ../shared/data/mitdb
   ecg-edge run --config edge.toml
+  ecg-edge simulate --broker 127.0.0.1:1883 --speed 1   # the bundled record as a wearable, forever
   ecg-edge detect                      # the bundled five minutes of MIT-BIH record {BUNDLED_RECORD}
   ecg-edge detect 100 --data-dir ../shared/data/mitdb --output-dir out
   ecg-edge bench-detector --data-dir ../shared/data/mitdb
@@ -119,6 +123,26 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", type=Path, required=True, help="edge.toml")
     r.add_argument("--validate-config", action="store_true", help="check the config and exit")
 
+    sm = sub.add_parser(
+        "simulate", help="play a WFDB record as a wearable on ecg/raw/<device> over MQTT, pass after pass",
+        description="Publish a WFDB record (default: the bundled MIT-BIH slice) as raw frames on "
+        "<topic-prefix>/<device>, paced like a wearable, ending each pass with an end message; each pass is a "
+        "new session. For trying an edge against a real broker (docker/compose.yaml runs one).",
+    )
+    sm.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT of the MQTT broker (default 127.0.0.1:1883)")
+    sm.add_argument("--tls", action="store_true", help="connect with TLS")
+    sm.add_argument("--ca-file", type=Path, help="CA that signed the broker's certificate (default: the system's)")
+    sm.add_argument("--username", help="MQTT user name")
+    sm.add_argument("--password-file", type=Path, help="file whose first line is the password (needs --username)")
+    sm.add_argument("--device", default="sim-strap", help="device name in the topic (default sim-strap)")
+    sm.add_argument("--topic-prefix", default="ecg/raw", help="default ecg/raw")
+    sm.add_argument("--record", help=f"a WFDB record path without suffix (default: bundled {BUNDLED_RECORD})")
+    sm.add_argument("--channel", type=int, default=0)
+    sm.add_argument("--duration", type=float, default=0.0, help="seconds of the record per pass (default 0 = all)")
+    sm.add_argument("--speed", type=float, default=1.0, help="1 = real time (default), 0 = as fast as possible")
+    sm.add_argument("--frame-s", type=float, default=0.25, help="seconds per raw frame (default 0.25)")
+    sm.add_argument("--passes", type=int, default=0, help="how many times to play the record (default 0 = forever)")
+
     be = sub.add_parser(
         "bench", help="simulated wearables through the full pipeline on one core (writes docs/benchmarks.md)",
         description="Run N simulated 360 Hz wearables (MIT-BIH slices) through the in-process pipeline on "
@@ -142,6 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     bf.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"), help="'-' for none")
     bf.add_argument("--edge-log", type=Path, help="write the edge process's log here")
     bf.add_argument("--workers", type=int, default=1, help="edge worker processes sharing the fleet by topic shard")
+    bf.add_argument("--shard-count", type=int, default=0,
+                    help="with several workers: wearables publish on shard_of(device, N) and the workers share the "
+                    "shards (shards = \"auto\"); 0 (default): worker w takes shard w, wearable i publishes on i mod W")
 
     b = sub.add_parser(
         "bench-detector",
@@ -249,6 +276,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import aiomqtt
+
+    from edge.mqtt import BrokerConfig, publish_record
+    from edge.replay import read_wfdb
+
+    host, _, port = args.broker.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--broker {args.broker!r}: expected HOST:PORT")
+    if args.password_file is not None and args.username is None:
+        raise ValueError("--password-file needs --username")
+    if args.passes < 0 or args.speed < 0 or args.duration < 0:
+        raise ValueError("--passes, --speed and --duration cannot be negative")
+    password = args.password_file.read_text().splitlines()[0].strip() if args.password_file else None
+    broker = BrokerConfig(host=host, port=int(port), tls=args.tls or args.ca_file is not None,
+                          ca_file=str(args.ca_file) if args.ca_file else None, username=args.username,
+                          password=password)
+    record = Path(args.record) if args.record else bundled_record()
+    signal, fs, _ = read_wfdb(record, args.channel)
+    if args.duration:
+        signal = signal[: round(args.duration * fs)]
+
+    async def play() -> int:
+        n = 0
+        while args.passes == 0 or n < args.passes:
+            n += 1
+            # A fresh session token per pass: a pass whose end message was lost cannot run into the next.
+            frames = await publish_record(broker, args.device, signal, fs, args.frame_s,
+                                          args.speed if args.speed > 0 else False, topic_prefix=args.topic_prefix,
+                                          t0=time.time(), session=secrets.token_hex(8))
+            log.info("pass %d: %d frames of %s (%.0f s) on %s/%s via %s", n, frames, record.name, signal.size / fs,
+                     args.topic_prefix, args.device, broker)
+        return n
+
+    try:
+        passes = asyncio.run(play())
+    except aiomqtt.MqttError as exc:
+        print(f"ecg-edge simulate: error: broker {broker}: {exc}", file=sys.stderr)
+        return 1
+    print(f"played {record.name} {passes} time(s) on {args.topic_prefix}/{args.device} via {broker}")
+    return 0
+
+
 def cmd_bench_fleet(args: argparse.Namespace) -> int:
     from edge import bench_fleet
 
@@ -262,7 +334,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "anonymize": cmd_anonymize, "detect": cmd_detect,
-            "bench": cmd_bench, "bench-fleet": cmd_bench_fleet, "bench-detector": cmd_bench_detector}
+            "simulate": cmd_simulate, "bench": cmd_bench, "bench-fleet": cmd_bench_fleet,
+            "bench-detector": cmd_bench_detector}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,15 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class _Strict(BaseModel):
@@ -30,7 +38,7 @@ class BrokerSettings(_Strict):
     username: str | None = None
     password_file: Path | None = None  # first line is the password (kept out of the config)
     client_id: str | None = None
-    keepalive: int = Field(30, ge=5, le=3600)
+    keepalive: int = Field(30, ge=3, le=3600)  # a crashed worker's shards move after 1.5 x keepalive
 
     @model_validator(mode="after")
     def _files_exist(self) -> BrokerSettings:
@@ -93,8 +101,41 @@ class PipelineConfig(_Strict):
 
 class MqttSourceConfig(_Strict):
     topic_prefix: str = "ecg/raw"  # devices publish on <prefix>/<device> (or <prefix>/<shard>/<device>)
-    shards: list[str] = []  # this worker owns <prefix>/<shard>/# for each; empty: all of <prefix>/#
+    # this worker owns <prefix>/<shard>/# for each; empty: all of <prefix>/#; "auto": the shards it wins
+    # among the live workers, moving as workers come and go (edge/cluster.py, docs/scale-out.md)
+    shards: list[str] | Literal["auto"] = []
+    shard_count: int | None = Field(None, ge=1, le=4096, validate_default=True)  # the fleet's, with "auto"
+    handover_timeout_s: float = Field(10.0, gt=0.0, le=300.0)  # "auto": longest wait for takeover at a stop
+    # subscribe $share/<group>/<prefix>/# instead: only on a broker that keeps a topic on one member
+    # (EMQX's hash_topic strategy, docs/scale-out.md); round-robin would split each device's stream
+    shared_group: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
     max_frame_samples: int = Field(20_000, ge=1)
+
+    @model_validator(mode="after")
+    def _one_way_to_split(self) -> MqttSourceConfig:
+        if self.shared_group is not None and self.shards:
+            raise ValueError("shared_group and shards are two ways to split a fleet between workers: use one")
+        return self
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _auto_or_list(cls, value: object) -> object:
+        if isinstance(value, str) and value != "auto":
+            raise ValueError(f'must be "auto" or a list of shard names, got {value!r}')
+        return value
+
+    @field_validator("shard_count")
+    @classmethod
+    def _count_with_auto(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if "shards" not in info.data:  # shards itself is wrong: that error says enough
+            return value
+        auto = info.data["shards"] == "auto"
+        if auto and value is None:
+            raise ValueError('required with shards = "auto": the number of shards the wearables hash their '
+                             "device names into (the same on every worker and wearable)")
+        if not auto and value is not None:
+            raise ValueError('only with shards = "auto"')
+        return value
 
 
 class BleSourceConfig(_Strict):
@@ -143,9 +184,35 @@ class MetricsConfig(_Strict):
     address: str = "127.0.0.1"
 
 
+class RefreshConfig(_Strict):
+    """Signed model refresh while running (docs/model-refresh.md); off unless keys are given."""
+
+    public_keys: list[Path] = []  # trusted Ed25519 public keys (PEM, ecg-trainer keygen)
+    topic_prefix: str = "ecg/models"  # announcements are retained on <prefix>/generator and <prefix>/classifier
+    max_model_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+
+    @model_validator(mode="after")
+    def _keys(self) -> RefreshConfig:
+        from edge.announce import load_public_key
+
+        for path in self.public_keys:
+            if not Path(path).is_file():
+                raise ValueError(f"refresh.public_keys: {path} is not a file")
+            try:
+                load_public_key(path)
+            except ValueError as exc:
+                raise ValueError(f"refresh.public_keys: {exc}") from None
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.public_keys)
+
+
 class EdgeConfig(_Strict):
     broker: BrokerSettings = BrokerSettings()
     models: ModelSettings = ModelSettings()
+    refresh: RefreshConfig = RefreshConfig()
     pipeline: PipelineConfig = PipelineConfig()
     sources: Sources = Sources()
     sinks: Sinks = Sinks()
@@ -157,6 +224,9 @@ class EdgeConfig(_Strict):
             raise ValueError("no sources: add [[sources.mqtt]], [[sources.ble]] or [[sources.replay]]")
         if self.sinks.mqtt is None and self.sinks.wfdb is None:
             raise ValueError("no sinks: add [sinks.mqtt] or [sinks.wfdb]")
+        if sum(m.shards == "auto" for m in self.sources.mqtt) > 1:
+            raise ValueError('sources.mqtt: only one MQTT source may have shards = "auto" (a worker is one member '
+                             "of one cluster)")
         return self
 
 
@@ -190,12 +260,18 @@ def load_config(path: str | Path) -> EdgeConfig:
 
 
 _PATH_KEYS = {"ca_file", "cert_file", "key_file", "password_file", "generator", "classifier",
-              "pseudonym_secret_file", "record", "directory"}
+              "pseudonym_secret_file", "record", "directory", "public_keys"}
+
+
+def _resolve_path(value: str | list[object], base: Path) -> object:
+    if isinstance(value, list):  # a list of paths (refresh.public_keys)
+        return [str(base / v) if isinstance(v, str) else v for v in value]
+    return str(base / value)
 
 
 def _resolve_paths(node: object, base: Path) -> object:
     if isinstance(node, dict):
-        return {k: (str(base / v) if k in _PATH_KEYS and isinstance(v, str) else _resolve_paths(v, base))
+        return {k: (_resolve_path(v, base) if k in _PATH_KEYS and isinstance(v, (str, list)) else _resolve_paths(v, base))
                 for k, v in node.items()}
     if isinstance(node, list):
         return [_resolve_paths(v, base) for v in node]

@@ -78,6 +78,7 @@ class AnonBeat:
     label: str
     fs: float
     timestamp: float | None = None
+    model: str | None = None  # version of the generator that rendered it (models change while running)
 
 
 @dataclass

@@ -39,6 +39,9 @@ class EdgeMetrics:
             "ecg_edge_model_info", "Loaded model (value 1), by kind and version", ["kind", "version", "sha256"],
             registry=r)
         self.model_errors = Counter("ecg_edge_model_errors", "Model calls that failed, by kind", ["kind"], registry=r)
+        self.model_refresh = Counter(
+            "ecg_edge_model_refresh", "Model announcements, by kind and result (accepted, current, or why refused)",
+            ["kind", "result"], registry=r)
         self.batch_beats = Histogram(
             "ecg_edge_batch_beats", "Beats per model batch", registry=r,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048))

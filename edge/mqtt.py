@@ -15,6 +15,7 @@ detail names the topic, so one broken wearable cannot stop the others (promise 5
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -340,6 +341,8 @@ def encode_beats(beats: Sequence[AnonBeat]) -> bytes:
         if b.timestamp is not None:
             item["t"] = round(float(b.timestamp), 6)
         item["class"] = b.label
+        if b.model is not None:
+            item["model"] = b.model
         items.append(item)
     return _DUMPS({"v": SCHEMA_VERSION, "fs": float(fs), "beats": items}).encode()
 
@@ -352,11 +355,13 @@ def encode_status(info: SessionInfo) -> bytes:
     return _DUMPS(obj).encode()
 
 
-def encode_edge_status(state: str, started: float | None = None) -> bytes:
-    """The edge's own retained status: ``online``, or ``offline`` (its last will)."""
+def encode_edge_status(state: str, started: float | None = None, extra: dict[str, Any] | None = None) -> bytes:
+    """The edge's own retained status: ``online``, or ``offline`` (its last will); ``extra`` adds
+    fields such as the models in use and the last model refresh (edge/refresh.py)."""
     obj: dict[str, Any] = {"v": SCHEMA_VERSION, "state": state}
     if started is not None:
         obj["started"] = round(float(started), 3)
+    obj.update({k: v for k, v in (extra or {}).items() if k not in ("v", "state", "started")})
     return _DUMPS(obj).encode()
 
 
@@ -484,6 +489,11 @@ class RawStreams:
             del self._devices[d]
         return [SessionEnd(d, "idle") for d in stale]
 
+    def end(self, devices: Iterable[str], reason: str) -> list[SessionEnd]:
+        """End these devices' sessions now (e.g. their shard moved to another worker, edge/cluster.py)."""
+        ended = [d for d in devices if self._devices.pop(d, None) is not None]
+        return [SessionEnd(d, reason) for d in ended]
+
 
 # --------------------------------------------------------------------------------------------
 # Source
@@ -514,6 +524,10 @@ class MqttSource:
     back-off and keeps each device's session: a short outage shows up as ``BadInput(gap)`` on the
     next frame, and sessions silent for ``idle_timeout_s`` (outage or not) end with
     ``SessionEnd(reason="idle")``.
+
+    :meth:`update_subscriptions` changes what it subscribes to while it runs. ``will`` is the
+    connection's last will. A subclass can add to each connection through the ``_on_connect``,
+    ``_receive``, ``_expire`` and ``_on_disconnect`` hooks (edge/cluster.py shares shards this way).
     """
 
     def __init__(
@@ -530,15 +544,13 @@ class MqttSource:
         max_queued: int = 10_000,
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 30.0,
+        will: aiomqtt.Will | None = None,
     ) -> None:
         prefix = topic_prefix.rstrip("/")
-        subs = list(subscriptions) if subscriptions else [f"{prefix}/#"]
-        for s in subs:
-            if not s.startswith(prefix + "/"):
-                raise ValueError(f"subscription {s!r} is not under the raw prefix {prefix!r}")
         self.broker = broker
         self.topic_prefix = prefix
-        self.subscriptions = subs
+        self.subscriptions = self._checked(subscriptions) if subscriptions else [f"{prefix}/#"]
+        self.will = will
         self.qos = qos
         self.streams = RawStreams(
             prefix, limits=limits, idle_timeout_s=idle_timeout_s, max_gap_s=max_gap_s, max_devices=max_devices
@@ -557,6 +569,52 @@ class MqttSource:
     def client(self) -> aiomqtt.Client | None:
         """The connected client, if any (for status and tests)."""
         return self._client
+
+    def _checked(self, subscriptions: Iterable[str]) -> list[str]:
+        subs = list(dict.fromkeys(subscriptions))
+        for s in subs:
+            # A shared subscription ($share/<group>/<filter>, docs/scale-out.md) delivers the real topics.
+            shared = re.fullmatch(r"\$share/[^/+#]+/(.+)", s)
+            if not (shared.group(1) if shared else s).startswith(self.topic_prefix + "/"):
+                raise ValueError(f"subscription {s!r} is not under the raw prefix {self.topic_prefix!r}")
+        return subs
+
+    async def update_subscriptions(self, subscriptions: Sequence[str]) -> None:
+        """Subscribe to what is new and unsubscribe from what is gone, now if connected and on
+        every reconnect. Returns once the broker has granted the new subscriptions; raises
+        ``aiomqtt.MqttError`` if it refused one or the connection is lost. Messages already on
+        their way from a dropped subscription still arrive."""
+        subs = self._checked(subscriptions)
+        added = [s for s in subs if s not in self.subscriptions]
+        removed = [s for s in self.subscriptions if s not in subs]
+        self.subscriptions = subs
+        client = self._client
+        if client is None:
+            return
+        if added:
+            granted = await client.subscribe([(s, self.qos) for s in added])
+            refused = [s for s, rc in zip(added, granted) if _refused(rc)]
+            if refused:
+                self.subscriptions = [s for s in self.subscriptions if s not in refused]
+                raise aiomqtt.MqttError(f"broker refused the subscription to {', '.join(refused)}")
+        if removed:
+            await client.unsubscribe(removed)
+
+    # Hooks for subclasses (the defaults are the plain source) ------------------------------
+
+    async def _on_connect(self, client: aiomqtt.Client) -> None:
+        """Called once a connection is up and subscribed, before ``ready`` is set."""
+
+    def _receive(self, topic: str, payload: bytes | bytearray | str, now: float) -> list[SourceEvent]:
+        """The events of one received message."""
+        return self.streams.feed(topic, payload, now)
+
+    def _expire(self, now: float) -> list[SourceEvent]:
+        """Called about every ``tick_s``, connected or not."""
+        return list(self.streams.expire(now))
+
+    def _on_disconnect(self) -> None:
+        """Called when a connection ends (lost, or the source closed)."""
 
     def __aiter__(self) -> AsyncIterator[SourceEvent]:
         if self._gen is None:
@@ -578,18 +636,20 @@ class MqttSource:
         delay = self.reconnect_min_s
         next_expiry = time.monotonic() + self.tick_s
         while True:
-            client = self.broker.client("source", max_queued_incoming_messages=self.max_queued)
+            client = self.broker.client("source", will=self.will, max_queued_incoming_messages=self.max_queued)
             pending: asyncio.Future[aiomqtt.Message] | None = None
             try:
                 async with client:
-                    granted = await client.subscribe([(s, self.qos) for s in self.subscriptions])
-                    refused = [s for s, rc in zip(self.subscriptions, granted) if _refused(rc)]
+                    subscriptions = list(self.subscriptions)
+                    granted = await client.subscribe([(s, self.qos) for s in subscriptions]) if subscriptions else []
+                    refused = [s for s, rc in zip(subscriptions, granted) if _refused(rc)]
                     if refused:  # e.g. an ACL without read access: nothing would ever arrive
                         raise aiomqtt.MqttError(f"broker refused the subscription to {', '.join(refused)}")
                     self._client = client
+                    await self._on_connect(client)
                     self.ready.set()
                     delay = self.reconnect_min_s
-                    log.info("MQTT source: subscribed to %s on %s", ", ".join(self.subscriptions), self.broker)
+                    log.info("MQTT source: subscribed to %s on %s", ", ".join(subscriptions) or "nothing yet", self.broker)
                     messages = client.messages
                     try:
                         while True:
@@ -600,11 +660,11 @@ class MqttSource:
                             if done:
                                 msg = pending.result()  # MqttError when the connection is lost
                                 pending = None
-                                for event in self.streams.feed(msg.topic.value, msg.payload, now):
+                                for event in self._receive(msg.topic.value, msg.payload, now):
                                     yield event
                             if now >= next_expiry:
                                 next_expiry = now + self.tick_s
-                                for end in self.streams.expire(now):
+                                for end in self._expire(now):
                                     yield end
                     finally:  # before the client disconnects, which would fail the pending read
                         _discard(pending)
@@ -620,11 +680,12 @@ class MqttSource:
             finally:
                 self._client = None
                 self.ready.clear()
+                self._on_disconnect()
             self.reconnects += 1
             until = time.monotonic() + delay
             while (left := until - time.monotonic()) > 0:
                 await asyncio.sleep(min(left, self.tick_s))
-                for end in self.streams.expire(time.monotonic()):
+                for end in self._expire(time.monotonic()):
                     yield end
             delay = min(delay * 2, self.reconnect_max_s)
 
@@ -686,6 +747,8 @@ class MqttSink:
         self.stats = SinkStats()
         self.started = time.time()
         self._live: dict[str, SessionInfo] = {}
+        #: Extra fields of the edge's online status (``models``, ``refresh``); see update_status.
+        self.status: dict[str, Any] = {}
         self._client: aiomqtt.Client | None = None
         self._lost = asyncio.Event()
         self._online = asyncio.Event()
@@ -751,6 +814,13 @@ class MqttSink:
             log.error("MQTT sink: connection task failed", exc_info=task.exception())
 
     # The Sink protocol --------------------------------------------------------------------
+
+    async def update_status(self, **fields: Any) -> None:
+        """Set fields of the edge's retained online status and republish it now (when connected)."""
+        self.status.update(fields)
+        if self.connected:
+            await self._publish([(self.edge_topic, encode_edge_status("online", self.started, self.status),
+                                   self.status_qos, True)])
 
     async def session_started(self, info: SessionInfo) -> None:
         check_pseudonym(info.pseudonym)
@@ -833,7 +903,8 @@ class MqttSink:
                     else:
                         log.info("MQTT sink: online on %s as edge %r", self.broker, self.edge_id)
                     self._dropped_since_online = 0
-                    online = [(self.edge_topic, encode_edge_status("online", self.started), self.status_qos, True)]
+                    online = [(self.edge_topic, encode_edge_status("online", self.started, self.status),
+                               self.status_qos, True)]
                     await self._publish(online + [self._status_msg(i) for i in self._live.values()])
                     # Nothing is subscribed: this only returns, by raising, when the connection drops.
                     async for _ in client.messages:
@@ -873,8 +944,12 @@ async def publish_record(
     session: str | None = None,
     start_seq: int = 0,
     end: bool = True,
+    shard_count: int | None = None,
 ) -> int:
     """Play a recording as a wearable would: raw frames of ``frame_s`` on ``<prefix>/<device>``.
+
+    With ``shard_count`` the topic is ``<prefix>/<shard_of(device, shard_count)>/<device>``, what
+    a wearable of a fleet shared by several edge workers publishes on (docs/scale-out.md).
 
     ``realtime``: True paces frames at the recording's own speed (each frame is sent once its last
     sample "was measured"), a number is a speed factor (10 = ten times faster), False sends as fast
@@ -886,6 +961,7 @@ async def publish_record(
             return await publish_record(
                 client, device, samples_mV, fs, frame_s, realtime, units,
                 topic_prefix=topic_prefix, qos=qos, t0=t0, session=session, start_seq=start_seq, end=end,
+                shard_count=shard_count,
             )  # fmt: skip
     client = client_or_broker
     speed = 1.0 if realtime is True else (math.inf if realtime is False else float(realtime))
@@ -893,7 +969,7 @@ async def publish_record(
         raise ValueError(f"realtime must be True, False or a positive speed factor, not {realtime!r}")
     x = np.asarray(samples_mV, dtype=np.float64)
     n = max(1, round(frame_s * fs))
-    topic = raw_topic(device, topic_prefix)
+    topic = raw_topic(device if shard_count is None else f"{shard_of(device, shard_count)}/{device}", topic_prefix)
     loop = asyncio.get_running_loop()
     began = loop.time()
     sent = 0
@@ -915,3 +991,12 @@ async def publish_record(
 def shard_subscriptions(shards: Iterable[str | int], prefix: str = RAW_PREFIX) -> list[str]:
     """Subscriptions for a worker that owns these shards of ``<prefix>/<shard>/<device>``."""
     return [f"{prefix.rstrip('/')}/{s}/#" for s in shards]
+
+
+def shard_of(device: str, shard_count: int) -> int:
+    """The shard a device publishes under: the first 8 bytes of SHA-256 of its UTF-8 name, read as
+    a big-endian unsigned integer, modulo ``shard_count`` (docs/mqtt.md, "Shards"). Stable across
+    runs, processes and languages, so wearables and every edge worker agree without talking."""
+    if type(shard_count) is not int or shard_count < 1:
+        raise ValueError(f"shard_count must be a positive integer, not {shard_count!r}")
+    return int.from_bytes(hashlib.sha256(device.encode()).digest()[:8], "big") % shard_count

@@ -251,8 +251,8 @@ class Anonymizer:
                 continue
             out.frames.append(AnonFrame(stream.pseudonym, stream.fs, emitted.start, emitted.samples,
                                         self._time(stream, emitted.start)))
-            for (r, label), latency in zip(emitted.beats, emitted.latency):
-                out.beats.append(AnonBeat(stream.pseudonym, r, classes[label], stream.fs, self._time(stream, r)))
+            for (r, label, model), latency in zip(emitted.beats, emitted.latency):
+                out.beats.append(AnonBeat(stream.pseudonym, r, classes[label], stream.fs, self._time(stream, r), model))
                 self.metrics.beats.labels(classes[label]).inc()
                 self.metrics.observe_latency(latency)
             self.metrics.output_samples.inc(len(emitted.samples))
@@ -278,6 +278,7 @@ class Anonymizer:
         labels = np.zeros(n, dtype=np.int64)
         surrogates = None
         reason = "input"
+        rendered_by = self.generator.contract.version if self.generator else None  # the batch's one generator
         try:
             if self.classifier is None or self.generator is None:
                 reason = "no model"
@@ -313,7 +314,7 @@ class Anonymizer:
                                     0.0, self.spec)
                 k += m
             r.ok = mine_ok
-            masked, dropped = stream.render(r, labels[lo:hi], rows)
+            masked, dropped = stream.render(r, labels[lo:hi], rows, rendered_by)
             if masked:
                 self.metrics.masked_beats.labels(reason if surrogates is None else "input").inc(masked)
             if dropped:

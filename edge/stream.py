@@ -54,7 +54,7 @@ class Emitted:
 
     start: int
     samples: np.ndarray  # float64 mV, NaN where masked
-    beats: list[tuple[int, int]]  # (R sample, class index)
+    beats: list[tuple[int, int, str | None]]  # (R sample, class index, version of the generator that rendered it)
     latency: list[float]  # clock seconds from each emitted beat's R arrival to this emit
 
 
@@ -95,7 +95,7 @@ class BeatStream:
         self._arrivals: deque[tuple[int, float]] = deque()  # (input head after a frame, clock)
         self._last_r: int | None = None
         self._rr: deque[float] = deque(maxlen=LONG_BEATS)
-        self._labels: dict[int, tuple[int, float]] = {}  # R sample -> (class index, arrival) until emitted
+        self._labels: dict[int, tuple[int, float, str | None]] = {}  # R -> (class, arrival, generator) until emitted
 
     # ------------------------------------------------------------------------------------------
     def feed(self, samples: np.ndarray, now: float) -> int:
@@ -193,9 +193,11 @@ class BeatStream:
         return ReadyBeats(*(np.concatenate([getattr(p, f) for p in parts])
                             for f in ("r", "beats", "rr", "ok", "arrived")))
 
-    def render(self, ready: ReadyBeats, labels: np.ndarray, rows: codec.DecodedBeats | None) -> tuple[int, int]:
+    def render(self, ready: ReadyBeats, labels: np.ndarray, rows: codec.DecodedBeats | None,
+               model: str | None = None) -> tuple[int, int]:
         """Place rendered surrogates (one row per ``ready.ok`` beat, in order; ``rows`` None when
-        the models failed) or masks. Returns (beats masked, beats dropped as too late)."""
+        the models failed; ``model`` the generator version that rendered them) or masks.
+        Returns (beats masked, beats dropped as too late)."""
         masked = dropped = 0
         k = 0
         for i, sample in enumerate(ready.r.tolist()):
@@ -203,7 +205,7 @@ class BeatStream:
                 placed = self.splicer.place(sample, int(rows.start[k]), rows.samples[k])
                 k += 1
                 if placed:
-                    self._labels[sample] = (int(labels[i]), float(ready.arrived[i]))
+                    self._labels[sample] = (int(labels[i]), float(ready.arrived[i]), model)
             else:
                 placed = self.splicer.place(sample, sample - self.dec_before, None, 2 * self.dec_before + 1)
                 masked += placed
@@ -235,8 +237,8 @@ class BeatStream:
         samples = beats_part + self.persona.baseline(start, len(beats_part), self.fs, self.rng)
         emitted, latency = [], []
         for r in sorted(s for s in self._labels if s < until):
-            label, arrived = self._labels.pop(r)
-            emitted.append((r, label))
+            label, arrived, model = self._labels.pop(r)
+            emitted.append((r, label, model))
             latency.append(now - arrived)
         return Emitted(start, samples, emitted, latency)
 

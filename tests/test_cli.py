@@ -7,6 +7,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import numpy as np
 import wfdb
 
 from edge.records import read_record
@@ -96,3 +97,89 @@ def test_bench_detector_on_a_subset(tmp_path: Path) -> None:
         "--peers", "", "--jobs", "1", "--output", str(page),
     )
     assert again.returncode == 0 and page.read_text().count("<!-- detector:begin -->") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# `ecg-edge simulate`: the wearable of docker/compose.yaml, against a real mosquitto
+
+
+async def _simulate_and_listen(host: str, port: int, prefix: str, *args: str,
+                               username: str | None = None, password: str | None = None,
+                               ends: int = 2) -> tuple[list, int, str, str]:
+    """Run ``ecg-edge simulate`` while a subscriber on ``prefix/#`` decodes what it publishes."""
+    import asyncio
+
+    import aiomqtt
+
+    from edge.mqtt import RawStreams
+
+    streams = RawStreams(prefix)
+    events: list = []
+    async with aiomqtt.Client(host, port, username=username, password=password) as sub:
+        await sub.subscribe(f"{prefix}/#", qos=1)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edge.cli", "simulate", "--broker", f"{host}:{port}", "--topic-prefix", prefix,
+            *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(60):
+            async for msg in sub.messages:
+                events += streams.feed(str(msg.topic), bytes(msg.payload), 0.0)
+                if sum(type(e).__name__ == "SessionEnd" for e in events) == ends:
+                    break
+            out, err = await proc.communicate()
+    return events, proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_simulate_plays_the_bundled_record_pass_after_pass(mosquitto: tuple[str, int]) -> None:
+    from edge.cli import bundled_record
+    from edge.frames import Frame, SessionEnd
+    from edge.replay import read_wfdb
+
+    host, port = mosquitto
+    events, rc, out, err = await _simulate_and_listen(
+        host, port, "simulate-test/ecg/raw", "--device", "strap-1", "--passes", "2", "--duration", "3",
+        "--speed", "0")
+    assert rc == 0, err
+    assert "played 208 2 time(s) on simulate-test/ecg/raw/strap-1" in out
+    assert [type(e) for e in events if not isinstance(e, Frame)] == [SessionEnd, SessionEnd]
+    assert all(e.device == "mqtt:strap-1" for e in events)
+    signal, fs, _ = read_wfdb(bundled_record())
+    passes = [[], []]
+    n = 0
+    for e in events:
+        if isinstance(e, SessionEnd):
+            n += 1
+        else:
+            passes[n].append(e)
+    for frames in passes:  # each pass is its own session from sample 0: 3 s at 360 Hz in 0.25 s frames
+        assert [f.seq for f in frames] == list(range(0, 1080, 90)) and frames[0].fs == fs == 360.0
+        np.testing.assert_allclose(np.concatenate([f.samples for f in frames]), signal[:1080], atol=5e-4)
+
+
+async def test_simulate_logs_in_with_a_password_file(tmp_path: Path) -> None:
+    from conftest import run_mosquitto
+
+    from edge.frames import SessionEnd
+
+    passwords = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwords), "wearable", "s3cret-pass"], check=True)
+    (tmp_path / "wearable.password").write_text("s3cret-pass\n")
+    with run_mosquitto(tmp_path / "broker", f"allow_anonymous false\npassword_file {passwords}\n") as (host, port):
+        events, rc, _, err = await _simulate_and_listen(
+            host, port, "ecg/raw", "--passes", "1", "--duration", "1", "--speed", "0", "--username", "wearable",
+            "--password-file", str(tmp_path / "wearable.password"),
+            username="wearable", password="s3cret-pass", ends=1)
+        assert rc == 0, err
+        assert isinstance(events[-1], SessionEnd) and len(events) == 5  # 4 frames of 0.25 s, then the end
+        (tmp_path / "wrong.password").write_text("not-it\n")
+        refused = _run("edge.cli", "simulate", "--broker", f"{host}:{port}", "--passes", "1", "--duration", "1",
+                       "--username", "wearable", "--password-file", str(tmp_path / "wrong.password"))
+    assert refused.returncode == 1 and "ecg-edge simulate: error: broker mqtt://" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_simulate_rejects_bad_options(tmp_path: Path) -> None:
+    out = _run("edge.cli", "simulate", "--broker", "no-port-here")
+    assert out.returncode == 2 and "expected HOST:PORT" in out.stderr
+    out = _run("edge.cli", "simulate", "--password-file", str(tmp_path / "missing"), "--username", "u")
+    assert out.returncode == 2 and "Traceback" not in out.stderr

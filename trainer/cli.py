@@ -36,6 +36,8 @@ Commands:
   export RUN_DIR      write a trained run as ONNX with its contract, and its model card
   defaults            train and export the models that ship inside the edge package
   evaluate            re-identification, linkability, membership, timing and class figures on DS2
+  keygen OUT          make the Ed25519 key pair that signs models (OUT.key, OUT.pub)
+  publish MODEL       sign a model and announce it to running edges over MQTT (retained)
 """
 
 EPILOG = f"""\
@@ -120,6 +122,50 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache-dir", default=".cache/beats")
     ev.add_argument("--baseline", help="image-baseline run directory, for the seed paper's rows (e.g. runs/image-baseline/001)")
     ev.add_argument("--no-xqrs", action="store_true", help="skip wfdb's xqrs on the output (the slowest part)")
+
+    mm = sub.add_parser(
+        "memorisation", help="membership inference and fidelity against generator steps, on a DS1 subject hold-out",
+        description="Train a generator on DS1 without the hold-out subjects and measure, after each of --steps, "
+        "the membership-inference AUC (training subjects against held-out ones) and fidelity against the "
+        "held-out beats: how the generator's training length is chosen without looking at DS2.",
+    )
+    mm.add_argument("--data-dir", help=f"MIT-BIH directory (default ${DATA_DIR_ENV} or ./data/mitdb)")
+    mm.add_argument("--output", default="docs/evaluation", help="report directory (default docs/evaluation)")
+    mm.add_argument("--hold-out", nargs="+", metavar="REC", help="DS1 records left out of training")
+    mm.add_argument("--train-records", nargs="+", metavar="REC", help="train on these (default: DS1 minus the hold-out)")
+    mm.add_argument("--steps", nargs="+", type=int, help="generator steps to measure at")
+    mm.add_argument("--runs-dir", default="runs")
+    mm.add_argument("--cache-dir", default=".cache/beats")
+    mm.add_argument("--seed", type=int, default=0)
+    mm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="generator config override (repeatable)")
+
+    kg = sub.add_parser(
+        "keygen", help="make an Ed25519 key pair for signing models",
+        description="Write OUT.key (private key, PEM, mode 0600: keep it with whoever releases models) and "
+        "OUT.pub (public key, PEM: give it to gateway operators for refresh.public_keys).",
+    )
+    kg.add_argument("out", metavar="OUT", help="path and name of the pair, without suffix")
+    kg.add_argument("--force", action="store_true", help="replace an existing pair")
+
+    pb = sub.add_parser(
+        "publish", help="sign a model and announce it to running edges (retained MQTT message)",
+        description="Load the model as an edge would, sign it and its header (version, kind, SHA-256, size) "
+        "with the private key, and publish the announcement retained at QoS 1 on <topic-prefix>/<kind>. "
+        "Edges that trust the public key verify it, check it against what they run and swap it in "
+        "between two batches (docs/model-refresh.md).",
+    )
+    pb.add_argument("model", metavar="MODEL", help="ONNX model from ecg-trainer export")
+    pb.add_argument("--key", required=True, help="private key from ecg-trainer keygen (OUT.key)")
+    pb.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT", help="default 127.0.0.1:1883")
+    pb.add_argument("--tls", action="store_true", help="connect with TLS")
+    pb.add_argument("--ca-file", help="CA that signed the broker's certificate (default: the system's)")
+    pb.add_argument("--username", help="MQTT user name")
+    pb.add_argument("--password-file", help="file whose first line is the MQTT password")
+    pb.add_argument("--topic-prefix", default="ecg/models", help="default ecg/models (the edge's refresh.topic_prefix)")
+    pb.add_argument("--max-bytes", type=int, default=16 * 1024 * 1024,
+                    help="largest model to announce (default 16 MiB; edges refuse above their refresh.max_model_bytes)")
+    pb.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the broker (default 30)")
     return parser
 
 
@@ -161,6 +207,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_memorisation(args: argparse.Namespace) -> int:
+    from trainer.memorisation import HOLD_OUT, STEPS, render, sweep
+
+    report = sweep(args.data_dir, args.output, tuple(args.hold_out or HOLD_OUT), tuple(args.steps or STEPS),
+                   runs_dir=args.runs_dir, cache_dir=args.cache_dir, seed=args.seed, overrides=args.overrides,
+                   train_records=args.train_records)
+    print(render(report))
+    print(f"wrote {args.output}/memorisation.md and memorisation.json")
+    return 0
+
+
 def cmd_defaults(args: argparse.Namespace) -> int:
     from trainer import pipeline
 
@@ -197,9 +254,39 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from edge.announce import key_id, load_public_key
+    from trainer.publish import keygen
+
+    private, public = keygen(args.out, force=args.force)
+    print(f"wrote {private} (private, mode 0600) and {public} (public, key id {key_id(load_public_key(public))})")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from edge.mqtt import BrokerConfig
+    from trainer.publish import parse_broker, publish
+
+    host, port = parse_broker(args.broker)
+    if args.password_file and not args.username:
+        raise ValueError("--password-file needs --username")
+    password = (Path(args.password_file).read_text().splitlines() or [""])[0].strip() if args.password_file else None
+    broker = BrokerConfig(host=host, port=port, tls=args.tls, ca_file=args.ca_file, username=args.username,
+                          password=password)
+    done = asyncio.run(publish(args.model, args.key, broker, topic_prefix=args.topic_prefix,
+                               max_model_bytes=args.max_bytes, timeout_s=args.timeout))
+    print(f"published {done.kind} v{done.version} (sha256 {done.sha256[:16]}…, {done.model_bytes:,} bytes; "
+          f"announcement {done.payload_bytes:,} bytes, key {done.key_id}) retained on {done.topic} at {broker}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_command(_parser(), {"data": cmd_data, "fit": cmd_fit, "export": cmd_export, "defaults": cmd_defaults,
-                                   "evaluate": cmd_evaluate}, argv)
+                                   "evaluate": cmd_evaluate, "memorisation": cmd_memorisation,
+                                   "keygen": cmd_keygen, "publish": cmd_publish}, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
