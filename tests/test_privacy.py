@@ -80,10 +80,12 @@ def test_evaluate_writes_a_report_on_the_committed_slices(tmp_path: Path) -> Non
     """The whole evaluation end to end, small: 'training' records 208 and 119, evaluated 100, 105, 232."""
     import json
 
+    from trainer.classifier import ClassifierConfig
     from trainer.evaluate import evaluate
 
+    judge = ClassifierConfig(epochs=3, samples_per_epoch=2048, min_epochs=1, val_records=("119",), fit_bias=False)
     report = evaluate(str(DATA), tmp_path, ("100", "105", "232"), minutes=2.0, cache_dir=None,
-                      training_records=("208", "119"), curve=((0.0, 0.0), (1.0, 1.0)))
+                      training_records=("208", "119"), curve=((0.0, 0.0), (1.0, 1.0)), judge_config=judge)
     assert (tmp_path / "report.md").read_text().startswith("# Evaluation")
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["reidentification"]["raw"]["rank1_beat"] > 0.9  # the attacker is strong on real beats
@@ -96,6 +98,9 @@ def test_evaluate_writes_a_report_on_the_committed_slices(tmp_path: Path) -> Non
     assert (tmp_path / "strips.png").stat().st_size > 0
     f1 = report["class_f1"]  # the class each surrogate carries scores as the classifier does on real beats
     assert abs(f1["edge"]["N"] - f1["raw"]["N"]) < 0.05 and abs(f1["edge"]["macro"] - f1["raw"]["macro"]) < 0.1
+    # the judge (a second classifier) reads real and emitted beats of the committed slices
+    assert {"raw, judge", "reclassified, judge"} <= set(f1) and f1["raw, judge"]["N"] > 0.5
+    assert "with the judge" in (tmp_path / "report.md").read_text()
 
 
 def test_hrv_and_f1_helpers_give_known_answers() -> None:

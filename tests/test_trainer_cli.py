@@ -102,6 +102,32 @@ def test_export_generator_with_card_and_baseline(runs: dict[str, Path]) -> None:
     assert onnx_path.with_suffix(".png").stat().st_size > 10_000
 
 
+def test_generator_class_term_reads_surrogates_with_a_trained_classifier(runs: dict[str, Path]) -> None:
+    run = fit("generator", runs["tmp"], "--set", "class_weight=1", "--set", f"classifier_run={runs['classifier']}")
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["class_loss"] for row in lines if "class_loss" in row]
+    assert len(losses) == len(lines) and all(0 < v < 10 for v in losses)  # cross-entropy over 5 classes
+    out = subprocess.run([sys.executable, "-m", "trainer.cli", "fit", "generator", "--dry-run", "--set", "class_weight=1"],
+                         capture_output=True, text=True, cwd=runs["tmp"])
+    assert out.returncode != 0 and "needs classifier_run" in out.stderr
+
+
+def test_memorisation_sweep_writes_its_table(runs: dict[str, Path]) -> None:
+    out_dir = runs["tmp"] / "memo"
+    sets = [a for kv in TINY["generator"] if not kv.startswith("steps") for a in ("--set", kv)]
+    trainer("memorisation", "--data-dir", str(DATA), "--hold-out", "119", "--train-records", "208", "--steps", "2", "4",
+            "--runs-dir", str(runs["tmp"] / "runs"), "--cache-dir", str(runs["tmp"] / "cache"), "--output",
+            str(out_dir), *sets, cwd=runs["tmp"])
+    report = json.loads((out_dir / "memorisation.json").read_text())
+    assert [r["steps"] for r in report["rows"]] == [2, 4] and report["hold_out"] == ["119"]
+    assert all(0.0 <= r["membership_auc"] <= 1.0 for r in report["rows"])
+    assert 0.0 <= report["class_mean_reference_auc"] <= 1.0
+    assert "| 4 |" in (out_dir / "memorisation.md").read_text()
+    bad = subprocess.run([sys.executable, "-m", "trainer.cli", "memorisation", "--hold-out", "100"],
+                         capture_output=True, text=True, cwd=runs["tmp"])
+    assert bad.returncode != 0 and "not in DS1: 100" in bad.stderr
+
+
 def test_resume_continues_the_same_run(runs: dict[str, Path]) -> None:
     run = runs["image-baseline"]
     before = (run / "metrics.jsonl").read_text().splitlines()

@@ -107,6 +107,10 @@ class GeneratorConfig:
     log_every: int = 100  # steps between metric lines
     checkpoint_every: int = 500  # steps between checkpoints
     seed: int = 0  # seeds torch, numpy and the set sampler
+    #: weight of the class-consistency term: cross-entropy of a trained, frozen beat classifier on
+    #: the surrogates against their conditioning class (0: off). Needs ``classifier_run``.
+    class_weight: float = 0.0
+    classifier_run: str = ""  # classifier run directory (runs/classifier/NNN) whose model judges the class
 
     def __post_init__(self) -> None:
         if len(self.focus_probs) != len(AAMI_CLASSES) or not math.isclose(sum(self.focus_probs), 1.0):
@@ -119,6 +123,8 @@ class GeneratorConfig:
             raise ValueError("set_size must be at least 2 (the critic judges spread within a set)")
         if self.sets_per_batch % self.critic_group:
             raise ValueError("critic_group must divide sets_per_batch (groups never mix real and fake sets)")
+        if self.class_weight < 0 or (self.class_weight > 0 and not self.classifier_run):
+            raise ValueError("class_weight must be >= 0, and a positive class_weight needs classifier_run")
 
 
 def rr_inputs(rr: torch.Tensor) -> torch.Tensor:
@@ -353,6 +359,17 @@ def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         b_ema.copy_(b)
 
 
+def _class_judge(cfg: GeneratorConfig, device: torch.device) -> nn.Module | None:
+    """The frozen classifier of the class-consistency term (promise 3: a surrogate must read as
+    the class it stands for, to the same kind of classifier that labelled the input beat)."""
+    if cfg.class_weight <= 0:
+        return None
+    from trainer.pipeline import load_run
+
+    module = load_run(cfg.classifier_run)["module"]
+    return module.to(device).eval().requires_grad_(False)
+
+
 def fit_generator(train: BeatSet, run: Run, cfg: GeneratorConfig = GeneratorConfig()) -> BeatGenerator:
     """Train the beat GAN on ``train`` (DS1); resumes from the run's checkpoint when there is one.
 
@@ -386,10 +403,16 @@ def fit_generator(train: BeatSet, run: Run, cfg: GeneratorConfig = GeneratorConf
     beats_all = torch.from_numpy(np.ascontiguousarray(train.beats)).to(device)
     labels_all = torch.from_numpy(train.labels).to(device)
     rr_all = torch.from_numpy(np.ascontiguousarray(train.rr[:, :2])).to(device)
+    judge = _class_judge(cfg, device)
+    rr_judge = torch.from_numpy(np.ascontiguousarray(train.rr[:, :3])).to(device) if judge is not None else None
 
     def real_sets() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = torch.from_numpy(sampler.sample(cfg.sets_per_batch)).to(device)
         return beats_all[idx], labels_all[idx], rr_all[idx]
+
+    def generator_sets() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        idx = torch.from_numpy(sampler.sample(cfg.sets_per_batch)).to(device)
+        return labels_all[idx], rr_all[idx], rr_judge[idx] if rr_judge is not None else None
 
     def checkpoint() -> None:
         run.save_checkpoint({
@@ -412,9 +435,15 @@ def fit_generator(train: BeatSet, run: Run, cfg: GeneratorConfig = GeneratorConf
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
-        _, label, rr = real_sets()
+        label, rr, rr3 = generator_sets()
         with run.autocast():
-            g_loss = -critic(_fake_sets(generator, cfg, label, rr), label, rr).mean()
+            fake = _fake_sets(generator, cfg, label, rr)
+            g_loss = -critic(fake, label, rr).mean()
+            if judge is not None and rr3 is not None:
+                logits = judge(fake.float().reshape(-1, fake.shape[-1]), rr3.reshape(-1, 3))
+                class_loss = F.cross_entropy(logits, label.reshape(-1))
+                acc["class_loss"] = acc.get("class_loss", 0.0) + class_loss.item()
+                g_loss = g_loss + cfg.class_weight * class_loss
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()
