@@ -458,9 +458,9 @@ Per-class F1 against the reference labels:
 
 `raw`: the shipped classifier on the real beats; `edge`: the class each surrogate carries;
 `reclassified`: the shipped classifier re-run on the emitted (anonymized) beats. `, judge`: the
-same with the judge, a classifier trained on the same real DS1 beats with another seed that the
-generator never saw (the shipped classifier scores the surrogates during generator training, so
-its reading of them is not independent). Class kept (target >= 95 %): reclassified macro F1 over
+same with the judge, a classifier trained on the same real DS1 beats with another seed, which no
+generator is ever trained against (the generator's optional class-consistency term trains it
+against a classifier, which would make that classifier's reading of the surrogates flattering). Class kept (target >= 95 %): reclassified macro F1 over
 raw macro F1 is {_ratio(f1, 'reclassified', 'raw'):.1%} with the shipped classifier and
 {_ratio(f1, 'reclassified, judge', 'raw, judge'):.1%} with the judge.
 
