@@ -597,5 +597,8 @@ async def test_a_crashed_worker_s_shards_are_taken_over_within_the_keepalive_bou
     frozen_s, killed_s = t_frozen_done - t_freeze, t_killed_done - t_kill
     print(f"\nfrozen worker (keepalive {keepalive} s): shards taken over after {frozen_s:.2f} s; "
           f"killed worker: after {killed_s * 1000:.0f} ms")
-    assert keepalive - 1.0 <= frozen_s <= 1.5 * keepalive + 3.5  # mosquitto checks keepalives in whole seconds
+    # Not before the keepalive can have expired; the upper bound is the stated one (docs/scale-out.md):
+    # mosquitto drops a silent client after 1.5-2x keepalive (it checks in whole seconds), then the
+    # survivors subscribe and claim, which takes a few seconds more on a loaded 2-core machine.
+    assert keepalive - 1.0 <= frozen_s <= 2 * keepalive + 5.0
     assert killed_s < 1.5
