@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +149,26 @@ def test_rejects_bad_frames_without_losing_state() -> None:
 def test_rejects_unsupported_rates(fs: float) -> None:
     with pytest.raises(DetectorInputError, match="sample rate"):
         StreamingQRSDetector(fs)
+
+
+def test_filters_match_scipy_to_the_bit() -> None:
+    """The detector calls scipy's sosfilt kernel and computes lfilter's FIR path itself (both to
+    skip per-call overhead): frame by frame, they must give exactly what scipy's public
+    functions give."""
+    from scipy import signal
+
+    from edge.detector import _bandpass, _fir
+
+    rec = _rec("100")
+    sos = signal.butter(2, [5.0, 15.0], btype="bandpass", fs=rec.fs, output="sos")
+    taps = np.full(43, 1 / 43)
+    zi_sos, zi_fir, zi_want = np.zeros((1, sos.shape[0], 2)), np.zeros(taps.size - 1), np.zeros(taps.size - 1)
+    band, feature, want_feature = [], [], []
+    for lo, hi in pairwise([0, 1, 5, 40, 41, 400, 437, 3600]):  # frames shorter and longer than the taps
+        band.append(_bandpass(sos, rec.signal[lo:hi], zi_sos))
+        y, zi_fir = _fir(taps, band[-1], zi_fir)
+        feature.append(y)
+        y, zi_want = signal.lfilter(taps, 1.0, band[-1], zi=zi_want)
+        want_feature.append(y)
+    assert np.array_equal(np.concatenate(band), signal.sosfilt(sos, rec.signal[:3600]))
+    assert np.array_equal(np.concatenate(feature), np.concatenate(want_feature)) and np.array_equal(zi_fir, zi_want)
