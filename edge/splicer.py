@@ -144,7 +144,7 @@ class Splicer:
         if w == 0:
             return 0, 0
         centre = a.r + round(self.boundary_fraction * (b.r - a.r))
-        centre = int(np.clip(centre, b_start + w, a_end - w))
+        centre = min(max(centre, b_start + w), a_end - w)  # np.clip's rule, on Python ints
         return centre, w
 
     def _mask_lost(self, out: np.ndarray, weight: np.ndarray, lo: int, hi: int) -> None:

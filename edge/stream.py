@@ -24,6 +24,7 @@ from edge.codec import CodecSpec
 from edge.detector import DetectorConfig, StreamingQRSDetector
 from edge.persona import Persona
 from edge.splicer import Splicer
+from edge.window import SampleWindow
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,8 @@ class BeatStream:
         self.timestamp0: float | None = None  # time of sample 0, when the source carries time
         self.seq0 = 0  # the device's own index of sample 0
         self._keep = self.enc_before + self.enc_after + round(KEEP_EXTRA_S * self.fs)
-        self._buf = np.empty(0)
+        self._window = SampleWindow(1, self._keep)
+        (self._buf,) = self._window.rows()
         self._buf_start = 0
         self._bad: list[tuple[int, int]] = []  # [a, b) input spans that were NaN, gaps or rejected
         self._hold = 0.0  # last finite input sample: what the detector sees inside bad spans
@@ -126,16 +128,16 @@ class BeatStream:
 
     def _push(self, x: np.ndarray, now: float) -> None:
         peaks = self.detector.feed(x)  # first: if the detector raises, the stream is unchanged
-        self._buf = np.concatenate([self._buf, x])
+        self._window.append(x)
+        (self._buf,) = self._window.rows()
         self.head += x.size
         self._arrivals.append((self.head, now))
         for peak in peaks:
             self._add_peak(peak.sample + self._detector_offset)
         self._encode_ready()
-        drop = len(self._buf) - self._keep
-        if drop > 0:
-            self._buf = self._buf[drop:]
-            self._buf_start += drop
+        if self._window.trim():
+            self._buf_start = self._window.start
+            (self._buf,) = self._window.rows()
         while len(self._arrivals) > 1 and self._arrivals[1][0] <= self._buf_start:
             self._arrivals.popleft()
         self._bad = [(a, b) for a, b in self._bad if b > self._buf_start]
@@ -244,9 +246,8 @@ class BeatStream:
 
     def memory_bytes(self) -> int:
         """Bytes held in this stream's arrays (buffers, splicer rows, detector ring)."""
-        det = sum(getattr(self.detector, a).nbytes for a in ("_x", "_d", "_f"))
         rows = sum(b.row.nbytes for b in self.splicer._beats if b.row is not None)
-        return self._buf.nbytes + det + rows + 8 * (len(self._rr) + 3 * len(self._pending))
+        return self._window.nbytes + self.detector.memory_bytes + rows + 8 * (len(self._rr) + 3 * len(self._pending))
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
