@@ -344,19 +344,7 @@ def encode(
                 f"(beats {bad[:5].tolist()}); a beat's window spans {kernel.before} samples "
                 f"before and {kernel.after} after R: drop those beats or fill the gap first"
             )
-        canonical = kernel.apply(window)
-        line, baseline[block], slope[block] = _baseline(canonical, spec)
-        deviation = canonical - line
-        near_r = deviation[:, spec.pre - spec.amplitude_n : spec.pre + spec.amplitude_n + 1]
-        amplitude = np.abs(near_r).max(axis=1)
-        floor = np.maximum(
-            _FLOOR_OF_DEVIATION * np.abs(deviation).max(axis=1),
-            _FLOOR_OF_LEVEL * np.abs(canonical).max(axis=1),
-        )
-        floor = np.maximum(floor, np.finfo(np.float64).tiny)
-        flat[block] = amplitude < floor
-        scale[block] = np.maximum(amplitude, floor)
-        beats[block] = deviation / scale[block, None]
+        beats[block], baseline[block], slope[block], scale[block], flat[block] = _canonical(window, kernel, spec)
     if flat.any():
         log.debug("%d of %d beats below the amplitude floor", int(flat.sum()), n)
     return EncodedBeats(
@@ -370,6 +358,43 @@ def encode(
         flat=flat,
         spec=spec,
     )
+
+
+def encode_windows(windows: np.ndarray, fs: float, spec: CodecSpec = DEFAULT_SPEC) -> np.ndarray:
+    """Canonical beats (float32) from input windows already cut around R: row ``i`` holds the
+    ``before + after + 1`` samples of :func:`encode_span` (edge-padded where the signal ran out).
+
+    The same numbers as :func:`encode` gives for those beats; the edge cuts each stream's windows
+    as its input arrives and encodes every stream's beats of one rate in one call, because the
+    codec's fixed cost per call is larger than its cost per beat.
+    """
+    kernel = _encode_kernel(_check_fs(fs), spec)
+    w = np.asarray(windows, dtype=np.float64)
+    if w.ndim != 2 or w.shape[1] != kernel.before + kernel.after + 1:
+        raise CodecInputError(f"windows must have shape (n, {kernel.before + kernel.after + 1}) at {fs:g} Hz, "
+                              f"got {w.shape}")
+    if not np.isfinite(w).all():
+        raise CodecInputError("beat windows contain non-finite samples")
+    beats = np.empty((len(w), spec.length), dtype=np.float32)
+    for lo in range(0, len(w), _BLOCK):
+        beats[lo : lo + _BLOCK] = _canonical(w[lo : lo + _BLOCK], kernel, spec)[0]
+    return beats
+
+
+def _canonical(window: np.ndarray, kernel: _Kernel, spec: CodecSpec) -> tuple[np.ndarray, ...]:
+    """Input windows -> (canonical beats, baseline level, slope, scale, flat): the encoder proper."""
+    canonical = kernel.apply(window)
+    line, baseline, slope = _baseline(canonical, spec)
+    deviation = canonical - line
+    near_r = deviation[:, spec.pre - spec.amplitude_n : spec.pre + spec.amplitude_n + 1]
+    amplitude = np.abs(near_r).max(axis=1)
+    floor = np.maximum(
+        _FLOOR_OF_DEVIATION * np.abs(deviation).max(axis=1),
+        _FLOOR_OF_LEVEL * np.abs(canonical).max(axis=1),
+    )
+    floor = np.maximum(floor, np.finfo(np.float64).tiny)
+    scale = np.maximum(amplitude, floor)
+    return deviation / scale[:, None], baseline, slope, scale, amplitude < floor
 
 
 def decode(

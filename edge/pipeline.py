@@ -270,10 +270,9 @@ class Anonymizer:
         return None if stream.timestamp0 is None else stream.timestamp0 + sample / stream.fs
 
     def _render(self, ready: list[tuple[str, BeatStream, ReadyBeats]]) -> None:
-        beats = np.concatenate([r.beats for _, _, r in ready])
         rr = np.concatenate([r.rr for _, _, r in ready])
         ok = np.concatenate([r.ok for _, _, r in ready])
-        n = len(beats)
+        n = len(rr)
         self.metrics.batch_beats.observe(n)
         labels = np.zeros(n, dtype=np.int64)
         surrogates = None
@@ -285,6 +284,8 @@ class Anonymizer:
                 raise RuntimeError("a model is missing")
             idx = np.flatnonzero(ok)
             if idx.size:
+                reason = "codec"
+                beats = _encode(ready, self.spec)
                 reason = "classifier"
                 labels[idx] = self.classifier.classify(beats[idx], _columns(rr[idx], self.classifier.contract.rr_features))
                 reason = "generator"
@@ -296,23 +297,17 @@ class Anonymizer:
                 if surrogates.shape != (idx.size, self.spec.length) or not np.isfinite(surrogates).all():
                     raise RuntimeError(f"generator returned {surrogates.shape} with non-finite values")
         except Exception as exc:  # noqa: BLE001 - any model failure fails closed
-            if reason in ("classifier", "generator"):
+            if reason in ("codec", "classifier", "generator"):
                 self.metrics.model_errors.labels(reason).inc()
                 log.error("%s failed on a batch of %d beats (%s): those beats are masked", reason, n, exc)
             ok = np.zeros(n, dtype=bool)
             surrogates = None
-        # Decode and place, stream by stream (each has its own rate and persona).
+        rows_of = _decode(ready, ok, surrogates, self.spec) if surrogates is not None else {}
         lo = 0
-        k = 0
-        for _, stream, r in ready:
+        for i, (_, stream, r) in enumerate(ready):
             hi = lo + len(r.r)
             mine_ok = ok[lo:hi]
-            rows = None
-            if surrogates is not None and mine_ok.any():
-                m = int(mine_ok.sum())
-                rows = codec.decode(surrogates[k : k + m], r.r[mine_ok], stream.fs, stream.persona.amplitude_mv,
-                                    0.0, self.spec)
-                k += m
+            rows = rows_of.get(i)
             r.ok = mine_ok
             masked, dropped = stream.render(r, labels[lo:hi], rows, rendered_by)
             if masked:
@@ -320,6 +315,54 @@ class Anonymizer:
             if dropped:
                 self.metrics.late_beats.inc(dropped)
             lo = hi
+
+
+def _by_rate(ready: list[tuple[str, BeatStream, ReadyBeats]]) -> dict[float, list[int]]:
+    """Indices into ``ready`` grouped by sample rate: the codec works on one rate at a time."""
+    groups: dict[float, list[int]] = {}
+    for i, (_, stream, _) in enumerate(ready):
+        groups.setdefault(stream.fs, []).append(i)
+    return groups
+
+
+def _encode(ready: list[tuple[str, BeatStream, ReadyBeats]], spec: codec.CodecSpec) -> np.ndarray:
+    """Canonical beats of every ready beat, in ``ready`` order: one codec call per sample rate
+    (the codec's cost per call is far above its cost per beat, so a beat or two per stream per
+    step would spend most of the time in call overhead)."""
+    beats = np.empty((sum(len(r.r) for _, _, r in ready), spec.length), dtype=np.float32)
+    starts = np.cumsum([0] + [len(r.r) for _, _, r in ready])
+    for fs, members in _by_rate(ready).items():
+        encoded = codec.encode_windows(np.concatenate([ready[i][2].windows for i in members]), fs, spec)
+        k = 0
+        for i in members:
+            m = len(ready[i][2].r)
+            beats[starts[i] : starts[i] + m] = encoded[k : k + m]
+            k += m
+    return beats
+
+
+def _decode(ready: list[tuple[str, BeatStream, ReadyBeats]], ok: np.ndarray, surrogates: np.ndarray,
+            spec: codec.CodecSpec) -> dict[int, codec.DecodedBeats]:
+    """Surrogates (one per ``ok`` beat, in ``ready`` order) onto each stream's clock at its
+    persona's amplitude: one decode per sample rate, split back per stream."""
+    starts = np.cumsum([0] + [len(r.r) for _, _, r in ready])
+    row_of = np.cumsum(ok) - 1  # index into ``surrogates`` of each ok beat
+    out: dict[int, codec.DecodedBeats] = {}
+    for fs, members in _by_rate(ready).items():
+        picks = [np.flatnonzero(ok[starts[i] : starts[i + 1]]) for i in members]
+        if not any(p.size for p in picks):
+            continue
+        rows = np.concatenate([row_of[starts[i] + p] for i, p in zip(members, picks)])
+        r = np.concatenate([ready[i][2].r[p] for i, p in zip(members, picks)])
+        gain = np.concatenate([np.full(p.size, ready[i][1].persona.amplitude_mv) for i, p in zip(members, picks)])
+        decoded = codec.decode(surrogates[rows], r, fs, gain, 0.0, spec)
+        k = 0
+        for i, p in zip(members, picks):
+            if p.size:
+                out[i] = codec.DecodedBeats(start=decoded.start[k : k + p.size], samples=decoded.samples[k : k + p.size],
+                                            r_offset=decoded.r_offset, fs=fs)
+            k += p.size
+    return out
 
 
 def _columns(rr: np.ndarray, names: tuple[str, ...]) -> np.ndarray:

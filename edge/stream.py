@@ -43,7 +43,7 @@ class ReadyBeats:
     """Beats of one stream whose post-R samples have all arrived: model input, never output."""
 
     r: np.ndarray  # int64 (k,) R-peak samples
-    beats: np.ndarray  # float32 (k, L) canonical input beats (classifier input only)
+    windows: np.ndarray  # float64 (k, W) input around each R (codec.encode_span), encoded for the classifier in the batch
     rr: np.ndarray  # float32 (k, 3) RR_FEATURES
     ok: np.ndarray  # bool (k,): window free of bad input; False beats are masked, not rendered
     arrived: np.ndarray  # float (k,) clock time the R-peak sample arrived
@@ -81,6 +81,7 @@ class BeatStream:
         self.detector = StreamingQRSDetector(self.fs, detector)
         self._detector_offset = 0  # input sample of the detector's sample 0 (moves when it restarts)
         self.enc_before, self.enc_after = codec.encode_span(self.fs, spec)
+        self._enc_offsets = np.arange(-self.enc_before, self.enc_after + 1)
         self.dec_before, _ = codec.decode_span(self.fs, spec)
         self.splicer = Splicer(self.fs, lost_s=lost_s)
         self.head = 0  # input samples received
@@ -174,12 +175,13 @@ class BeatStream:
         r = np.array([b[0] for b in out], dtype=np.int64)
         inside = r - self.enc_before >= self._buf_start  # decided after its input was dropped
         inside |= self._buf_start == 0  # the session's first beats: the codec pads the start
-        enc = codec.encode(self._buf, np.clip(r - self._buf_start, 0, len(self._buf) - 1), self.fs, self.spec)
+        at = np.clip(r - self._buf_start, 0, len(self._buf) - 1)
+        windows = self._buf[np.clip(at[:, None] + self._enc_offsets, 0, len(self._buf) - 1)]  # as codec.encode cuts them
         ok = inside.copy()
         for a, b in self._bad:
             ok &= ~((r + self.enc_after >= a) & (r - self.enc_before < b))
         self._ready.append(ReadyBeats(
-            r=r, beats=enc.beats, rr=np.stack([b[1] for b in out]), ok=ok,
+            r=r, windows=windows, rr=np.stack([b[1] for b in out]), ok=ok,
             arrived=np.array([b[2] for b in out]),
         ))
 
@@ -193,7 +195,7 @@ class BeatStream:
         if len(parts) == 1:
             return parts[0]
         return ReadyBeats(*(np.concatenate([getattr(p, f) for p in parts])
-                            for f in ("r", "beats", "rr", "ok", "arrived")))
+                            for f in ("r", "windows", "rr", "ok", "arrived")))
 
     def render(self, ready: ReadyBeats, labels: np.ndarray, rows: codec.DecodedBeats | None,
                model: str | None = None) -> tuple[int, int]:
