@@ -206,7 +206,8 @@ class StreamingQRSDetector:
             return
         b = self._buf_start
         seg = self._f[start - back - b : min(end + ahead, self.n_seen) - b]
-        seg = np.concatenate([seg, np.full(end + ahead - min(end + ahead, self.n_seen), -np.inf)])
+        if end + ahead > self.n_seen:  # only at the end of input: the look-ahead sees nothing more
+            seg = np.concatenate([seg, np.full(end + ahead - self.n_seen, -np.inf)])
         # A peak is above the previous sample and not below the next, so only those local maxima
         # (a few per second of a smooth integrator output) get the full look-back/look-ahead test.
         value = seg[back : back + (end - start)]
