@@ -220,6 +220,24 @@ def test_each_session_is_a_different_person_and_sessions_have_fresh_pseudonyms(s
     assert len(set(names)) == 2 and all("strap" not in n for n in names)
 
 
+def test_the_device_sample_counter_does_not_reach_the_output(sessions) -> None:
+    """A wearable's running sample counter would tie its sessions together: the output counts
+    from the session's first sample, whatever ``seq`` the device started at."""
+    gen, cls = sessions
+    x, fs = _slice("100")
+    anonymizer = Anonymizer(gen, cls, PipelineSettings(seed=5))
+    n, start = 90, 7_654_321
+    out = []
+    for k in range(0, 36 * n, n):
+        out.append(anonymizer.feed(Frame("strap", x[k : k + n], fs, seq=start + k), now=k / fs))
+        out.append(anonymizer.step(now=k / fs))
+    out.append(anonymizer.end("strap", now=36 * n / fs))
+    frames = [f for o in out for f in o.frames]
+    beats = [b for o in out for b in o.beats]
+    assert frames[0].start == 0 and sum(len(f.samples) for f in frames) == 36 * n
+    assert all(f.start < 36 * n for f in frames) and beats and all(0 <= b.sample < 36 * n for b in beats)
+
+
 def test_keyed_pseudonyms_are_stable_per_device(sessions) -> None:
     gen, cls = sessions
     anonymizer = Anonymizer(gen, cls, PipelineSettings(seed=5, pseudonym_secret=b"site secret of 16+ bytes"))
