@@ -50,6 +50,13 @@ class BrokerSettings(_Strict):
             raise ValueError("broker.cert_file and broker.key_file go together")
         if self.password_file is not None and self.username is None:
             raise ValueError("broker.password_file needs broker.username")
+        if self.password_file is not None:
+            try:
+                first = Path(self.password_file).read_text().splitlines()[:1]
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"broker.password_file: cannot read {self.password_file}: {exc}") from None
+            if not first or not first[0].strip():
+                raise ValueError(f"broker.password_file: {self.password_file} is empty (the first line is the password)")
         return self
 
     def password(self) -> str | None:

@@ -118,7 +118,10 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         "[pipeline]\npseudonym='keyed'\n[[sources.mqtt]]\n[sinks.wfdb]\ndirectory='o'\n": "pseudonym_secret_file",
         "[models]\ngenerator='missing.onnx'\n[[sources.mqtt]]\n[sinks.wfdb]\ndirectory='o'\n": "models.generator",
         "not toml [": "not valid TOML",
+        "[broker]\nusername='edge'\npassword_file='empty.pw'\n[[sources.mqtt]]\n[sinks.wfdb]\ndirectory='o'\n":
+            "broker.password_file: .*is empty",
     }
+    (tmp_path / "empty.pw").write_text("\n")
     for body, message in cases.items():
         with pytest.raises(ConfigError, match=message):
             load_config(_write_config(tmp_path, body))
