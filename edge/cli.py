@@ -259,8 +259,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     if args.validate_config:
+        sinks = [name for name in ("mqtt", "wfdb") if getattr(cfg.sinks, name) is not None]
+        refresh = f"{len(cfg.refresh.public_keys)} trusted key(s)" if cfg.refresh.public_keys else "off"
         print(f"{args.config}: valid ({len(cfg.sources.mqtt)} MQTT, {len(cfg.sources.ble)} BLE, "
-              f"{len(cfg.sources.replay)} replay source(s))")
+              f"{len(cfg.sources.replay)} replay source(s); sinks: {', '.join(sinks)}; model refresh: {refresh})")
         return 0
     return app.main(cfg)
 

@@ -135,7 +135,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_validate_config_command(tmp_path: Path) -> None:
     good = _write_config(tmp_path, "[[sources.mqtt]]\n[sinks.mqtt]\n")
     run = _cli("run", "--config", str(good), "--validate-config", cwd=tmp_path)
-    assert run.returncode == 0 and "valid" in run.stdout
+    assert run.returncode == 0 and "valid (1 MQTT" in run.stdout and "sinks: mqtt; model refresh: off" in run.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text("[[sources.mqtt]]\n[sinks.mqtt]\nedge = 1\n")
     run = _cli("run", "--config", str(bad), "--validate-config", cwd=tmp_path)
