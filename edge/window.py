@@ -33,10 +33,10 @@ class SampleWindow:
     def nbytes(self) -> int:
         return int(self._data.nbytes)
 
-    def rows(self) -> tuple[np.ndarray, ...]:
-        """Views of the visible samples, one per row (valid until the next append)."""
-        lo = self.start - self._origin
-        return tuple(self._data[i, lo : self._end] for i in range(self._data.shape[0]))
+    def rows(self) -> np.ndarray:
+        """A view (rows, visible samples) of the visible samples, valid until the next append;
+        unpack it for one view per row."""
+        return self._data[:, self.start - self._origin : self._end]
 
     def append(self, *columns: np.ndarray) -> None:
         """Add one frame to every row (each of ``columns`` has the frame's length)."""
