@@ -327,7 +327,6 @@ def encode(
             f"(first: {r[outside][:5].tolist()}); R-peaks are sample indices into this signal"
         )
     kernel = _encode_kernel(fs, spec)
-    offsets = np.arange(-kernel.before, kernel.after + 1)
     n = len(r)
     beats = np.empty((n, spec.length), dtype=np.float32)
     baseline, slope, scale = np.empty(n), np.empty(n), np.empty(n)
@@ -335,7 +334,7 @@ def encode(
     padded = (r - kernel.before < 0) | (r + kernel.after >= len(x))
     for lo in range(0, n, _BLOCK):
         block = slice(lo, lo + _BLOCK)
-        window = x[np.clip(r[block, None] + offsets, 0, len(x) - 1)]
+        window = _cut(x, r[block], kernel)
         finite = np.isfinite(window).all(axis=1)
         if not finite.all():
             bad = lo + np.flatnonzero(~finite)
@@ -360,9 +359,18 @@ def encode(
     )
 
 
+def cut_windows(signal: np.ndarray, r_peaks: np.ndarray, fs: float, spec: CodecSpec = DEFAULT_SPEC) -> np.ndarray:
+    """The input each beat is encoded from: one row per R-peak (indices into ``signal``), the
+    :func:`encode_span` samples around it, edge-padded where the signal runs out."""
+    return _cut(np.asarray(signal, dtype=np.float64), np.asarray(r_peaks), _encode_kernel(_check_fs(fs), spec))
+
+
+def _cut(x: np.ndarray, r: np.ndarray, kernel: _Kernel) -> np.ndarray:
+    return x[np.clip(r[:, None] + np.arange(-kernel.before, kernel.after + 1), 0, len(x) - 1)]
+
+
 def encode_windows(windows: np.ndarray, fs: float, spec: CodecSpec = DEFAULT_SPEC) -> np.ndarray:
-    """Canonical beats (float32) from input windows already cut around R: row ``i`` holds the
-    ``before + after + 1`` samples of :func:`encode_span` (edge-padded where the signal ran out).
+    """Canonical beats (float32) from input windows already cut around R (:func:`cut_windows`).
 
     The same numbers as :func:`encode` gives for those beats; the edge cuts each stream's windows
     as its input arrives and encodes every stream's beats of one rate in one call, because the

@@ -273,6 +273,7 @@ class Anonymizer:
         rr = np.concatenate([r.rr for _, _, r in ready])
         ok = np.concatenate([r.ok for _, _, r in ready])
         n = len(rr)
+        batch = _Batch.of(ready)
         self.metrics.batch_beats.observe(n)
         labels = np.zeros(n, dtype=np.int64)
         surrogates = None
@@ -285,7 +286,7 @@ class Anonymizer:
             idx = np.flatnonzero(ok)
             if idx.size:
                 reason = "codec"
-                beats = _encode(ready, self.spec)
+                beats = _encode(ready, batch, self.spec)
                 reason = "classifier"
                 labels[idx] = self.classifier.classify(beats[idx], _columns(rr[idx], self.classifier.contract.rr_features))
                 reason = "generator"
@@ -302,7 +303,7 @@ class Anonymizer:
                 log.error("%s failed on a batch of %d beats (%s): those beats are masked", reason, n, exc)
             ok = np.zeros(n, dtype=bool)
             surrogates = None
-        rows_of = _decode(ready, ok, surrogates, self.spec) if surrogates is not None else {}
+        rows_of = _decode(ready, batch, ok, surrogates, self.spec) if surrogates is not None else {}
         lo = 0
         for i, (_, stream, r) in enumerate(ready):
             hi = lo + len(r.r)
@@ -317,21 +318,29 @@ class Anonymizer:
             lo = hi
 
 
-def _by_rate(ready: list[tuple[str, BeatStream, ReadyBeats]]) -> dict[float, list[int]]:
-    """Indices into ``ready`` grouped by sample rate: the codec works on one rate at a time."""
-    groups: dict[float, list[int]] = {}
-    for i, (_, stream, _) in enumerate(ready):
-        groups.setdefault(stream.fs, []).append(i)
-    return groups
+@dataclass(frozen=True)
+class _Batch:
+    """Where each stream's beats sit in a step's batch, and the streams of each sample rate
+    (the codec works on one rate at a time)."""
+
+    starts: np.ndarray  # beats of ready[i] are rows starts[i] .. starts[i + 1] - 1
+    by_rate: dict[float, list[int]]
+
+    @classmethod
+    def of(cls, ready: list[tuple[str, BeatStream, ReadyBeats]]) -> _Batch:
+        by_rate: dict[float, list[int]] = {}
+        for i, (_, stream, _) in enumerate(ready):
+            by_rate.setdefault(stream.fs, []).append(i)
+        return cls(np.cumsum([0] + [len(r.r) for _, _, r in ready]), by_rate)
 
 
-def _encode(ready: list[tuple[str, BeatStream, ReadyBeats]], spec: codec.CodecSpec) -> np.ndarray:
+def _encode(ready: list[tuple[str, BeatStream, ReadyBeats]], batch: _Batch, spec: codec.CodecSpec) -> np.ndarray:
     """Canonical beats of every ready beat, in ``ready`` order: one codec call per sample rate
     (the codec's cost per call is far above its cost per beat, so a beat or two per stream per
     step would spend most of the time in call overhead)."""
-    beats = np.empty((sum(len(r.r) for _, _, r in ready), spec.length), dtype=np.float32)
-    starts = np.cumsum([0] + [len(r.r) for _, _, r in ready])
-    for fs, members in _by_rate(ready).items():
+    starts = batch.starts
+    beats = np.empty((int(starts[-1]), spec.length), dtype=np.float32)
+    for fs, members in batch.by_rate.items():
         encoded = codec.encode_windows(np.concatenate([ready[i][2].windows for i in members]), fs, spec)
         k = 0
         for i in members:
@@ -341,14 +350,14 @@ def _encode(ready: list[tuple[str, BeatStream, ReadyBeats]], spec: codec.CodecSp
     return beats
 
 
-def _decode(ready: list[tuple[str, BeatStream, ReadyBeats]], ok: np.ndarray, surrogates: np.ndarray,
+def _decode(ready: list[tuple[str, BeatStream, ReadyBeats]], batch: _Batch, ok: np.ndarray, surrogates: np.ndarray,
             spec: codec.CodecSpec) -> dict[int, codec.DecodedBeats]:
     """Surrogates (one per ``ok`` beat, in ``ready`` order) onto each stream's clock at its
     persona's amplitude: one decode per sample rate, split back per stream."""
-    starts = np.cumsum([0] + [len(r.r) for _, _, r in ready])
+    starts = batch.starts
     row_of = np.cumsum(ok) - 1  # index into ``surrogates`` of each ok beat
     out: dict[int, codec.DecodedBeats] = {}
-    for fs, members in _by_rate(ready).items():
+    for fs, members in batch.by_rate.items():
         picks = [np.flatnonzero(ok[starts[i] : starts[i + 1]]) for i in members]
         if not any(p.size for p in picks):
             continue

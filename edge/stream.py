@@ -81,7 +81,6 @@ class BeatStream:
         self.detector = StreamingQRSDetector(self.fs, detector)
         self._detector_offset = 0  # input sample of the detector's sample 0 (moves when it restarts)
         self.enc_before, self.enc_after = codec.encode_span(self.fs, spec)
-        self._enc_offsets = np.arange(-self.enc_before, self.enc_after + 1)
         self.dec_before, _ = codec.decode_span(self.fs, spec)
         self.splicer = Splicer(self.fs, lost_s=lost_s)
         self.head = 0  # input samples received
@@ -175,8 +174,7 @@ class BeatStream:
         r = np.array([b[0] for b in out], dtype=np.int64)
         inside = r - self.enc_before >= self._buf_start  # decided after its input was dropped
         inside |= self._buf_start == 0  # the session's first beats: the codec pads the start
-        at = np.clip(r - self._buf_start, 0, len(self._buf) - 1)
-        windows = self._buf[np.clip(at[:, None] + self._enc_offsets, 0, len(self._buf) - 1)]  # as codec.encode cuts them
+        windows = codec.cut_windows(self._buf, np.clip(r - self._buf_start, 0, len(self._buf) - 1), self.fs, self.spec)
         ok = inside.copy()
         for a, b in self._bad:
             ok &= ~((r + self.enc_after >= a) & (r - self.enc_before < b))

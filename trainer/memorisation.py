@@ -20,6 +20,7 @@ DS1 minus ``hold_out``; after each of ``steps`` it is measured on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -56,6 +57,7 @@ def sweep(
     from trainer.evaluate import generator_membership
     from trainer.fidelity import fidelity_report
     from trainer.generator import surrogate_set
+    from trainer.peer import torch_generate
     from trainer.pipeline import fit_options
     from trainer.runs import Run
     from trainer.tasks import TASKS, resolve_config
@@ -83,14 +85,8 @@ def sweep(
         ema = fit(train, run, dataclasses.replace(base, steps=n))
         seconds = time.monotonic() - t0
 
-        def generate(persona: np.ndarray, z: np.ndarray, label: np.ndarray, rr: np.ndarray, module: Any = ema) -> Any:
-            import torch
-
-            with torch.inference_mode():
-                return module(torch.from_numpy(persona), torch.from_numpy(z), torch.from_numpy(label.astype(np.int64)),
-                              torch.from_numpy(np.ascontiguousarray(rr, np.float32))).numpy()
-
-        auc = generator_membership(generate, ema.persona_dim, ema.beat_dim, 2, train, held, seed)
+        auc = generator_membership(functools.partial(torch_generate, ema), ema.persona_dim, ema.beat_dim, 2, train,
+                                   held, seed)
         rng = np.random.default_rng(seed)
         fid = fidelity_report(held, train, {"gan": (surrogate_set(ema, held, rng), held.labels)}, seed=seed,
                               include_reference=False)["models"]["gan"]
@@ -129,12 +125,12 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         "# Generator memorisation against training steps (DS1 subject hold-out)",
         "",
-        f"Trained on DS1 without {', '.join(report['hold_out'])}; members are beats of the "
+        (f"Trained on DS1 without {', '.join(report['hold_out'])}; members are beats of the "
         f"{len(report['train_records'])} training subjects, non-members beats of the held-out ones. "
         "Membership AUC: a beat scores higher the closer its nearest generated beat (target <= 0.55). "
         f"A class-mean 'generator' (nothing to memorise) scores {report['class_mean_reference_auc']:.3f} "
         "on the same split. Fréchet distances and TSTR are against the held-out subjects' real beats; "
-        "copy rate: share of surrogates closer to a training beat than 95% of held-out beats are.",
+         "copy rate: share of surrogates closer to a training beat than 95% of held-out beats are."),
         "",
         f"Generator settings that differ from `GeneratorConfig()`: {_changes(report['config'])}.",
         "",

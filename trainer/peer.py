@@ -29,11 +29,17 @@ class TorchGeneratorSession:
         self.contract = contract
         self.sha256 = hashlib.sha256(str(run_dir).encode()).hexdigest()
 
-    @torch.inference_mode()
     def generate(self, persona: np.ndarray, z: np.ndarray, label: np.ndarray, rr: np.ndarray) -> np.ndarray:
-        return self.module(
-            torch.from_numpy(np.ascontiguousarray(persona, np.float32)),
-            torch.from_numpy(np.ascontiguousarray(z, np.float32)),
-            torch.from_numpy(np.ascontiguousarray(label, np.int64)),
-            torch.from_numpy(np.ascontiguousarray(rr, np.float32)),
-        ).numpy()
+        return torch_generate(self.module, persona, z, label, rr)
+
+
+@torch.inference_mode()
+def torch_generate(module: torch.nn.Module, persona: np.ndarray, z: np.ndarray, label: np.ndarray,
+                   rr: np.ndarray) -> np.ndarray:
+    """A torch generator called with the edge's numpy inputs (``GeneratorSession.generate``)."""
+    return module(
+        torch.from_numpy(np.ascontiguousarray(persona, np.float32)),
+        torch.from_numpy(np.ascontiguousarray(z, np.float32)),
+        torch.from_numpy(np.ascontiguousarray(label, np.int64)),
+        torch.from_numpy(np.ascontiguousarray(rr, np.float32)),
+    ).numpy()
