@@ -26,6 +26,7 @@ from trainer.classifier import (
     evaluate_classifier,
     export_onnx,
     fit_classifier,
+    load_classifier,
     metrics_from_confusion,
     onnx_session,
     predict_proba,
@@ -40,7 +41,7 @@ N, S, V, F, Q = range(5)
 #: A model small and short enough to train in a few seconds on the slices.
 TINY = ClassifierConfig(
     epochs=12, samples_per_epoch=2048, batch_size=64, lr=1e-2, channels=(4, 8, 8, 8), hidden=16,
-    min_epochs=3, patience=3, val_records=("105",), seed=0,
+    min_epochs=3, patience=3, val_records=("105",), seed=0, restarts=1,
 )
 
 
@@ -113,6 +114,26 @@ def test_record_folds_make_an_ensemble_scored_out_of_fold(train_set: BeatSet, tm
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["member"] for r in rows if "member" in r] == [0, 0, 1, 1, 2, 2]
     assert rows[-1]["phase"] == "out-of-fold"
+
+
+def test_restarts_keep_the_ensemble_with_the_best_held_out_score(train_set: BeatSet, tmp_path: Path) -> None:
+    cfg = ClassifierConfig(**{**TINY.to_dict(), "epochs": 2, "min_epochs": 2, "samples_per_epoch": 256, "restarts": 3})
+    model = fit_classifier(train_set, Run(dir=tmp_path, progress_bar=False), cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    scores = [r["val_macro_f1"] for r in rows if r.get("phase") == "restart"]
+    assert [r["restart"] for r in rows if r.get("phase") == "restart"] == [0, 1, 2]
+    assert len(set(scores)) > 1, "restarts with other seeds should not score alike"
+    kept = rows[-1]
+    assert kept["phase"] == "out-of-fold" and scores[int(kept["restart"])] == max(scores)
+    assert kept["val_macro_f1"] == max(scores) and len(model.members) == 1
+    # Three members were trained and checkpointed; the checkpoint loads the one that was kept.
+    assert len(torch.load(tmp_path / "checkpoint.pt", weights_only=False)["members_done"]) == 3
+    loaded = load_classifier(tmp_path / "checkpoint.pt")
+    beats, rr = torch.from_numpy(train_set.beats[:50]), torch.from_numpy(train_set.rr[:50])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(beats, rr), model.eval()(beats, rr))
+    with pytest.raises(ValueError, match="at least 1"):
+        ClassifierConfig(restarts=0)
 
 
 def test_forward_shapes_and_raw_rr_seconds() -> None:

@@ -114,6 +114,9 @@ class ClassifierConfig:
     val_classes: tuple[str, ...] = ("N", "S", "V", "F")
     #: fit ``logit_bias`` for S, V and F on the out-of-fold DS1 predictions (needs two folds or more).
     fit_bias: bool = True
+    #: whole ensembles trained, restart r with member seeds ``seed + r + k``; the one with the best
+    #: out-of-fold DS1 macro F1 is kept (a small net's result swings between seeds; DS1 decides).
+    restarts: int = 3
 
     def __post_init__(self) -> None:
         # Overrides may arrive as lists (JSON, the command line); keep one hashable, comparable form.
@@ -123,6 +126,8 @@ class ClassifierConfig:
         object.__setattr__(self, "val_classes", tuple(self.val_classes))
         if self.fusion not in ("concat", "additive", "both"):
             raise ValueError(f"fusion must be concat, additive or both, not {self.fusion!r}")
+        if self.restarts < 1:
+            raise ValueError(f"restarts must be at least 1, got {self.restarts}")
 
     @property
     def folds(self) -> tuple[tuple[str, ...], ...]:
@@ -351,11 +356,13 @@ def fit_classifier(train: BeatSet, run: Run, cfg: ClassifierConfig = ClassifierC
     """Train on ``train`` (DS1): one member per fold of ``cfg.folds``, averaged in ``forward``.
 
     Member k trains on every record outside fold k and keeps its best epoch on fold k (macro F1 over
-    ``cfg.val_classes``). Every epoch is logged (``run.log``, step = epochs so far over all members)
-    and checkpointed (``run.save_checkpoint``); a run directory that holds a checkpoint resumes from
-    it: finished members, and the current member's model, optimiser, schedule, epoch, best weights
-    and RNG states. The returned model carries ``validation``: the out-of-fold metrics on DS1, each
-    beat scored by the member that never saw its record.
+    ``cfg.val_classes``). ``cfg.restarts`` whole ensembles are trained (restart r seeds its members
+    ``seed + r + k``) and the one with the best out-of-fold macro F1 is returned. Every epoch is
+    logged (``run.log``, step = epochs so far over all members) and checkpointed
+    (``run.save_checkpoint``); a run directory that holds a checkpoint resumes from it: finished
+    members, and the current member's model, optimiser, schedule, epoch, best weights and RNG
+    states. The returned model carries ``validation``: the out-of-fold metrics on DS1, each beat
+    scored by the member that never saw its record.
     """
     folds = list(cfg.folds)
     if not folds or not all(folds):
@@ -366,23 +373,58 @@ def fit_classifier(train: BeatSet, run: Run, cfg: ClassifierConfig = ClassifierC
         raise ValueError(f"{run.checkpoint_path} was written with another configuration; start a new run")
     done: list[dict[str, torch.Tensor]] = [] if state is None else list(state["members_done"])
     step = 0 if state is None else state["step"] + 1
-    oof = np.full((len(train), len(AAMI_CLASSES)), np.nan, dtype=np.float32)
-    for k, fold in enumerate(folds):
-        fit, val = split_validation(train, fold)
-        member = BeatClassifier(**model_cfg)
-        if k < len(done):
-            member.load_state_dict(done[k])
-        else:
-            resume = state if state is not None and state["member"] == k and not state["member_finished"] else None
-            best, step = _fit_member(model_cfg, fit, val, run, cfg, k, step, resume, done)
-            member.load_state_dict(best)
-            done.append(best)
-        mask = np.isin(train.record, fold) & ~np.isin(train.record, PACED)
-        oof[mask] = predict_proba(member, train.beats[mask], train.rr[mask])
-    model = BeatClassifier(**_model_config(cfg, len(folds)))
-    for k, best in enumerate(done):
-        model.members[k].load_state_dict({key[len("members.0."):]: v for key, v in best.items()
+    best: tuple[float, int, BeatClassifier] | None = None
+    for r in range(cfg.restarts):
+        oof = np.full((len(train), len(AAMI_CLASSES)), np.nan, dtype=np.float32)
+        for k, fold in enumerate(folds):
+            m = r * len(folds) + k  # index over all members of all restarts (checkpoint order)
+            fit, val = split_validation(train, fold)
+            member = BeatClassifier(**model_cfg)
+            if m < len(done):
+                member.load_state_dict(done[m])
+            else:
+                resume = state if state is not None and state["member"] == m and not state["member_finished"] else None
+                weights, step = _fit_member(model_cfg, fit, val, run, cfg, m, cfg.seed + r + k, step, resume, done)
+                member.load_state_dict(weights)
+                done.append(weights)
+            mask = np.isin(train.record, fold) & ~np.isin(train.record, PACED)
+            oof[mask] = predict_proba(member, train.beats[mask], train.rr[mask])
+        model = _ensemble(model_cfg, done[r * len(folds) : (r + 1) * len(folds)])
+        score = _out_of_fold(model, train, oof, folds, cfg)
+        run.log(step, phase="restart", restart=r, val_macro_f1=score)
+        log.info("restart %d: out-of-fold DS1 macro F1 %.4f", r, score)
+        if best is None or score > best[0]:
+            best = (score, r, model)
+    assert best is not None
+    _, chosen, model = best
+    validation = model.validation  # type: ignore[attr-defined]
+    pc = validation["per_class"]
+    run.log(step, phase="out-of-fold", restart=chosen, val_macro_f1=macro_f1(validation, cfg.val_classes),
+            val_macro_f1_without_bias=macro_f1(validation["without_bias"], cfg.val_classes),
+            logit_bias=[round(float(v), 3) for v in model.logit_bias],
+            **{f"val_{m}_{c}": pc[c][m] for c in AAMI_CLASSES for m in ("se", "ppv", "f1") if pc[c]["support"]})
+    final = run.load_checkpoint() if run.is_main else None
+    if final is not None:  # the chosen ensemble, for load_classifier
+        run.save_checkpoint({**final, "restart": chosen, "logit_bias": model.logit_bias.clone(),
+                             "validation": validation})
+    log.info("restart %d kept: out-of-fold DS1 macro F1 %.4f (S F1 %.3f, V F1 %.3f), bias %s", chosen,
+             macro_f1(validation, cfg.val_classes), pc["S"]["f1"] or 0.0, pc["V"]["f1"] or 0.0,
+             np.round(model.logit_bias.numpy(), 2).tolist())
+    return model
+
+
+def _ensemble(model_cfg: Mapping[str, Any], members: Sequence[Mapping[str, torch.Tensor]]) -> BeatClassifier:
+    """One BeatClassifier averaging the given single-member state dicts."""
+    model = BeatClassifier(**{**model_cfg, "members": len(members)})
+    for k, weights in enumerate(members):
+        model.members[k].load_state_dict({key[len("members.0."):]: v for key, v in weights.items()
                                           if key.startswith("members.0.")})
+    return model.eval()
+
+
+def _out_of_fold(model: BeatClassifier, train: BeatSet, oof: np.ndarray, folds: Sequence[Sequence[str]],
+                 cfg: ClassifierConfig) -> float:
+    """Fit ``model.logit_bias`` on the out-of-fold probabilities, set ``model.validation``; return its macro F1."""
     scored = ~np.isnan(oof[:, 0])
     log_p, labels, fold_of = np.log(oof[scored] + 1e-7), train.labels[scored], np.full(int(scored.sum()), -1)
     for k, fold in enumerate(folds):
@@ -399,20 +441,9 @@ def fit_classifier(train: BeatSet, run: Run, cfg: ClassifierConfig = ClassifierC
         model.logit_bias.copy_(torch.as_tensor(fit_logit_bias(log_p, labels, cfg.val_classes), dtype=torch.float32))
     else:
         validation = raw
-    model.eval()
-    validation = {**validation, "records": sorted(set(train.record[scored].tolist())), "without_bias": raw}
-    model.validation = validation  # type: ignore[attr-defined]
-    pc = validation["per_class"]
-    run.log(step, phase="out-of-fold", val_macro_f1=macro_f1(validation, cfg.val_classes),
-            val_macro_f1_without_bias=macro_f1(raw, cfg.val_classes),
-            logit_bias=[round(float(v), 3) for v in model.logit_bias],
-            **{f"val_{m}_{c}": pc[c][m] for c in AAMI_CLASSES for m in ("se", "ppv", "f1") if pc[c]["support"]})
-    final = run.load_checkpoint() if run.is_main else None
-    if final is not None:  # the finished ensemble's extras, for load_classifier
-        run.save_checkpoint({**final, "logit_bias": model.logit_bias.clone(), "validation": validation})
-    log.info("out-of-fold DS1 macro F1 %.4f (S F1 %.3f, V F1 %.3f), bias %s", macro_f1(validation, cfg.val_classes),
-             pc["S"]["f1"] or 0.0, pc["V"]["f1"] or 0.0, np.round(model.logit_bias.numpy(), 2).tolist())
-    return model
+    model.validation = {  # type: ignore[attr-defined]
+        **validation, "records": sorted(set(train.record[scored].tolist())), "without_bias": raw}
+    return macro_f1(validation, cfg.val_classes)
 
 
 #: Candidate logit offsets for ``fit_logit_bias``.
@@ -449,11 +480,11 @@ def fit_logit_bias(
 
 
 def _fit_member(
-    model_cfg: Mapping[str, Any], fit: BeatSet, val: BeatSet, run: Run, cfg: ClassifierConfig, k: int, step: int,
-    resume: Mapping[str, Any] | None, done: list[dict[str, torch.Tensor]],
+    model_cfg: Mapping[str, Any], fit: BeatSet, val: BeatSet, run: Run, cfg: ClassifierConfig, k: int, seed: int,
+    step: int, resume: Mapping[str, Any] | None, done: list[dict[str, torch.Tensor]],
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Train one member with early stopping on ``val``; return its best weights and the next step."""
-    seed = cfg.seed + k
+    """Train member ``k`` (index over all restarts) with early stopping on ``val``; return its best
+    weights and the next step."""
     seed_everything(seed)
     member = BeatClassifier(**model_cfg)
     log.info("member %d: training beats %s, validation beats %s", k, fit.class_counts(), val.class_counts())
@@ -489,7 +520,7 @@ def _fit_member(
     def finished() -> bool:
         return epoch >= cfg.epochs or (epoch - best_epoch > cfg.patience and epoch >= cfg.min_epochs)
 
-    bar = run.progress(cfg.epochs, f"classifier {k + 1}/{len(cfg.folds)}", initial=epoch)
+    bar = run.progress(cfg.epochs, f"classifier {k + 1}/{len(cfg.folds) * cfg.restarts}", initial=epoch)
     while not finished():
         t0 = time.monotonic()
         net.train()
@@ -541,16 +572,14 @@ def _fit_member(
 
 
 def load_classifier(checkpoint: str | Path) -> BeatClassifier:
-    """The ensemble of the members a run's checkpoint has finished."""
+    """The ensemble a run's checkpoint kept (before the run ends: the first restart's finished members)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    done = state["members_done"]
+    n = len(ClassifierConfig(**state["config"]).folds)
+    r = state.get("restart", 0)
+    done = state["members_done"][r * n : (r + 1) * n]
     if not done:
         raise ValueError(f"{checkpoint} holds no finished member yet")
-    mc = {**state["model_config"], "members": len(done)}
-    model = BeatClassifier(**mc)
-    for k, best in enumerate(done):
-        model.members[k].load_state_dict({key[len("members.0."):]: v for key, v in best.items()
-                                          if key.startswith("members.0.")})
+    model = _ensemble(state["model_config"], done)
     if "logit_bias" in state:
         model.logit_bias.copy_(state["logit_bias"])
     return model.eval()

@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
     fit.add_argument("--dry-run", action="store_true", help="print the resolved options and stop")
     fit.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    fit.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; recorded, "
+                     "since CPU results repeat bit for bit only at the same count)")
 
     ex = sub.add_parser(
         "export", help="write a trained run as an ONNX model for the edge",
@@ -107,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     df.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     df.add_argument("--version", help="model version (default: UTC timestamp)")
     df.add_argument("--no-progress", action="store_true")
+    df.add_argument("--threads", type=int, help="torch CPU threads for every fit (default: torch's choice)")
 
     ev = sub.add_parser(
         "evaluate", help="privacy and utility of the edge's output on DS2 (report.md, report.json)",
@@ -176,7 +179,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         args.task, args.overrides, data_dir=args.data_dir, runs_dir=args.runs_dir,
         cache_dir=args.cache_dir, device=args.device, seed=args.seed, resume=args.resume,
         dry_run=args.dry_run, progress_bar=not args.no_progress,
-        train_records=args.train_records, eval_records=args.eval_records,
+        train_records=args.train_records, eval_records=args.eval_records, threads=args.threads,
     )
     if args.dry_run:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
@@ -222,7 +225,8 @@ def cmd_defaults(args: argparse.Namespace) -> int:
     from trainer import pipeline
 
     done = pipeline.build_defaults(args.data_dir, args.output, runs_dir=args.runs_dir, cache_dir=args.cache_dir,
-                                   device=args.device, version=args.version, progress_bar=not args.no_progress)
+                                   device=args.device, version=args.version, progress_bar=not args.no_progress,
+                                   threads=args.threads)
     for kind, result in done["exports"].items():
         print(f"{kind}: {result.path} v{result.contract.version} (max abs error vs torch {result.max_abs_error:.2e})")
     print(f"built in {done['seconds'] / 60:.1f} min; runs: {', '.join(str(p) for p in done['runs'].values())}")

@@ -94,6 +94,10 @@ def _anonymize(signal: np.ndarray, fs: float, generator: Any, classifier: Classi
     return out.signal, out.beat_samples, out.beat_labels
 
 
+#: The judge's seed offset: far from the seeds the shipped classifier's restarts use.
+JUDGE_SEED_OFFSET = 100
+
+
 def _judge(judge_run: str | Path | None, ds1: BeatSet, config: Any, seed: int) -> Any:
     """``judge(beats, rr) -> class indices`` from a classifier run, or one trained now on ``ds1``
     (``config``, default: the shipped classifier's recipe with another seed)."""
@@ -109,7 +113,8 @@ def _judge(judge_run: str | Path | None, ds1: BeatSet, config: Any, seed: int) -
     else:
         with tempfile.TemporaryDirectory() as tmp:
             run = Run.start(tmp, "judge", {"purpose": "evaluation judge"}, device="cpu", progress_bar=False)
-            model = fit_classifier(ds1, run, config or ClassifierConfig(seed=seed + 1))
+            # Seeds no restart of the shipped recipe uses (its members take seed + restart + fold).
+            model = fit_classifier(ds1, run, config or ClassifierConfig(seed=seed + JUDGE_SEED_OFFSET))
             run.close()
 
     def judge(beats: np.ndarray, rr: np.ndarray) -> np.ndarray:

@@ -52,10 +52,14 @@ def fit(
     progress_bar: bool = True,
     train_records: tuple[str, ...] | None = None,
     eval_records: tuple[str, ...] | None = None,
+    threads: int | None = None,
 ) -> Path | dict[str, Any]:
     """Train ``task_name`` on DS1 in a new (or resumed) run directory; returns the directory.
 
     ``train_records``/``eval_records`` replace DS1/DS2 (small runs on a few records, tests).
+
+    ``threads`` sets torch's intra-op threads (default: torch's choice). On the CPU the result is
+    the same bit for bit for the same options and thread count, so the count is recorded.
 
     With ``dry_run`` nothing is read or written: the resolved options come back instead.
     """
@@ -77,7 +81,10 @@ def fit(
     eval_records = tuple(eval_records or DS2)
     cfg = resolve_config(task, overrides, seed)
     seed = getattr(cfg, "seed", seed if seed is not None else 0)
+    if threads is not None:
+        torch.set_num_threads(threads)
     options = fit_options(task, cfg, {"data_dir": data_dir, "device": device, "seed": seed,
+                                      "threads": torch.get_num_threads(),
                                       "train_records": list(train_records), "eval_records": list(eval_records)})
     if dry_run:
         return options
@@ -221,12 +228,13 @@ def build_defaults(
     device: str = "auto",
     version: str | None = None,
     progress_bar: bool = True,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Train the classifier, the generator and the image baseline, export the two shipped models."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     common = {"data_dir": data_dir, "runs_dir": runs_dir, "cache_dir": cache_dir, "device": device,
-              "progress_bar": progress_bar}
+              "progress_bar": progress_bar, "threads": threads}
     t0 = time.monotonic()
     runs = {name: fit(name, [], **common) for name in ("classifier", "generator", "image-baseline")}
     command = f"ecg-trainer defaults --data-dir {data_dir or '<MIT-BIH directory>'} --output {output_dir}"
