@@ -21,7 +21,7 @@ import numpy as np
 
 from edge import codec
 from edge.codec import CodecSpec
-from edge.detector import DetectorConfig, StreamingQRSDetector
+from edge.detector import DetectorBank, DetectorConfig, RPeak, StreamingQRSDetector
 from edge.persona import Persona
 from edge.splicer import Splicer
 from edge.window import SampleWindow
@@ -71,6 +71,7 @@ class BeatStream:
         spec: CodecSpec = codec.DEFAULT_SPEC,
         detector: DetectorConfig | None = None,
         lost_s: float = 3.0,
+        bank: DetectorBank | None = None,
     ) -> None:
         self.fs = float(fs)
         self.pseudonym = pseudonym
@@ -78,12 +79,17 @@ class BeatStream:
         self.rng = rng
         self.spec = spec
         self._detector_config = detector
-        self.detector = StreamingQRSDetector(self.fs, detector)
+        self.detector = StreamingQRSDetector(self.fs, detector, bank)
         self._detector_offset = 0  # input sample of the detector's sample 0 (moves when it restarts)
+        # Frames received but not yet through the detector: the pipeline runs the detector of every
+        # stream at once, at the next step (DetectorBank); ``ready`` and ``flush_detector`` run
+        # what is left one frame at a time.
+        self.queue: deque[tuple[np.ndarray, float]] = deque()
         self.enc_before, self.enc_after = codec.encode_span(self.fs, spec)
         self.dec_before, _ = codec.decode_span(self.fs, spec)
         self.splicer = Splicer(self.fs, lost_s=lost_s)
         self.head = 0  # input samples received
+        self._done = 0  # input samples through the detector
         self.timestamp0: float | None = None  # time of sample 0, when the source carries time
         self.seq0 = 0  # the device's own index of sample 0
         self._keep = self.enc_before + self.enc_after + round(KEEP_EXTRA_S * self.fs)
@@ -101,7 +107,8 @@ class BeatStream:
 
     # ------------------------------------------------------------------------------------------
     def feed(self, samples: np.ndarray, now: float) -> int:
-        """Take the next input samples (mV; NaN marks bad ones). Returns how many were bad."""
+        """Take the next input samples (mV; NaN marks bad ones) into the queue for the detector.
+        Returns how many were bad."""
         x = np.asarray(samples, dtype=np.float64)
         bad = ~np.isfinite(x)
         n_bad = int(bad.sum())
@@ -113,7 +120,8 @@ class BeatStream:
                 x[a:b] = x[a - 1] if a > 0 else self._hold
         if x.size:
             self._hold = float(x[-1])
-        self._push(x, now)
+        self.queue.append((x, now))
+        self.head += x.size
         return n_bad
 
     def feed_gap(self, n: int, now: float) -> None:
@@ -122,16 +130,35 @@ class BeatStream:
 
     def reset_detector(self) -> None:
         """Start the detector afresh (after it failed); beats already found are kept."""
-        self.detector = StreamingQRSDetector(self.fs, self._detector_config)
-        # The new detector counts from zero: offset its output by the current head.
-        self._detector_offset = self.head
+        self.detector.close()
+        self.detector = StreamingQRSDetector(self.fs, self._detector_config, self.detector.bank)
+        # The new detector counts from zero: offset its output by the samples it has not seen.
+        self._detector_offset = self._done
 
-    def _push(self, x: np.ndarray, now: float) -> None:
-        peaks = self.detector.feed(x)  # first: if the detector raises, the stream is unchanged
+    def close(self) -> None:
+        """The session ended: give the detector's row back to its bank."""
+        self.detector.close()
+
+    def detected(self, x: np.ndarray, now: float, peaks: list[RPeak] | None) -> None:
+        """The detector's beats for the next queued frame ``x`` (fed at ``now``), or None when the
+        detector failed on it: then the frame is masked and the detector starts afresh on a
+        masked stretch of its length, as if the frame had been dropped."""
+        if peaks is None:
+            self.reset_detector()
+            n = x.size
+            self._bad.append((self._done, self._done + n))
+            self.splicer.mask(self._done, self._done + n)
+            x = np.full(n, x[-1])  # what the detector sees inside a gap: the last good sample
+            try:
+                peaks = self.detector.feed(x)
+            except Exception:  # noqa: BLE001 - failed again: it starts after this stretch instead
+                self.reset_detector()
+                self._detector_offset += n
+                peaks = []
         self._window.append(x)
         (self._buf,) = self._window.rows()
-        self.head += x.size
-        self._arrivals.append((self.head, now))
+        self._done += x.size
+        self._arrivals.append((self._done, now))
         for peak in peaks:
             self._add_peak(peak.sample + self._detector_offset)
         self._encode_ready()
@@ -142,8 +169,20 @@ class BeatStream:
             self._arrivals.popleft()
         self._bad = [(a, b) for a, b in self._bad if b > self._buf_start]
 
+    def _detect_queued(self) -> None:
+        """Run the detector over queued frames one at a time (the pipeline batches them instead)."""
+        while self.queue:
+            x, now = self.queue.popleft()
+            try:
+                peaks = self.detector.feed(x)
+            except Exception as exc:  # noqa: BLE001 - mask the frame, start the detector afresh
+                log.error("detector failed on a frame of %s (%s); frame masked, detector restarted", self.pseudonym, exc)
+                peaks = None
+            self.detected(x, now, peaks)
+
     def flush_detector(self) -> None:
         """End of input: let the detector decide what its look-ahead was waiting for."""
+        self._detect_queued()
         for peak in self.detector.flush():
             self._add_peak(peak.sample + self._detector_offset)
 
@@ -167,7 +206,7 @@ class BeatStream:
         """Encode pending beats whose post-R input has arrived, while it is still buffered (a burst
         of frames between two model batches must not push a beat's window out of the buffer)."""
         out = []
-        while self._pending and (final or self._pending[0][0] + self.enc_after < self.head):
+        while self._pending and (final or self._pending[0][0] + self.enc_after < self._done):
             out.append(self._pending.popleft())
         if not out:
             return
@@ -185,6 +224,7 @@ class BeatStream:
 
     def ready(self, final: bool = False) -> ReadyBeats | None:
         """Encoded beats waiting for the models (at the end of input, all of them)."""
+        self._detect_queued()
         if final:
             self._encode_ready(final=True)
         if not self._ready:
