@@ -34,6 +34,17 @@ try:
 except ImportError:  # pragma: no cover - a scipy that moved it: fall back to the public function
     _sosfilt = None
 
+try:
+    # What np.convolve(a, v) calls after checking its arguments: correlate(a, v[::-1]), the longer
+    # first, mode 2 ("full"). The bank calls it once per stream per frame, where the checks cost
+    # as much as the convolution; same call, same bits.
+    from numpy._core.multiarray import correlate as _correlate
+
+    def _convolve(a: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return _correlate(a, v[::-1], 2) if a.size >= v.size else _correlate(v, a[::-1], 2)
+except ImportError:  # pragma: no cover - a numpy that moved it
+    _convolve = np.convolve
+
 log = logging.getLogger(__name__)
 
 MIN_FS = 100.0
@@ -567,7 +578,7 @@ def _fir(taps: np.ndarray, x: np.ndarray, zi: np.ndarray) -> tuple[np.ndarray, n
     per-call overhead that costs more than the convolution on a 100 ms frame; same bits. One row
     at a time: numpy and scipy have no batched convolution that sums in ``np.convolve``'s order,
     and a different order would round differently from a stream's own detector."""
-    full = np.convolve(taps, x)
+    full = _convolve(taps, x)
     full[: taps.size - 1] += zi
     return full[: x.size], full[x.size :]
 

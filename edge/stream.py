@@ -94,15 +94,14 @@ class BeatStream:
         self.seq0 = 0  # the device's own index of sample 0
         self._keep = self.enc_before + self.enc_after + round(KEEP_EXTRA_S * self.fs)
         self._window = SampleWindow(1, self._keep)
-        (self._buf,) = self._window.rows()
         self._buf_start = 0
         self._bad: list[tuple[int, int]] = []  # [a, b) input spans that were NaN, gaps or rejected
         self._hold = 0.0  # last finite input sample: what the detector sees inside bad spans
-        self._pending: deque[tuple[int, np.ndarray, float]] = deque()  # (r, rr, arrived) awaiting post-R input
+        self._pending: deque[tuple[int, tuple[float, float, float], float]] = deque()  # (r, rr, arrived) awaiting post-R input
         self._ready: list[ReadyBeats] = []  # encoded, awaiting the models
         self._arrivals: deque[tuple[int, float]] = deque()  # (input head after a frame, clock)
         self._last_r: int | None = None
-        self._rr: deque[float] = deque(maxlen=LONG_BEATS)
+        self._rr = _Recent(LONG_BEATS)  # RR intervals of the last LONG_BEATS beats, s
         self._labels: dict[int, tuple[int, float, str | None]] = {}  # R -> (class, arrival, generator) until emitted
 
     # ------------------------------------------------------------------------------------------
@@ -156,18 +155,18 @@ class BeatStream:
                 self._detector_offset += n
                 peaks = []
         self._window.append(x)
-        (self._buf,) = self._window.rows()
         self._done += x.size
         self._arrivals.append((self._done, now))
         for peak in peaks:
             self._add_peak(peak.sample + self._detector_offset)
-        self._encode_ready()
+        if self._pending:
+            self._encode_ready()
         if self._window.trim():
             self._buf_start = self._window.start
-            (self._buf,) = self._window.rows()
-        while len(self._arrivals) > 1 and self._arrivals[1][0] <= self._buf_start:
-            self._arrivals.popleft()
-        self._bad = [(a, b) for a, b in self._bad if b > self._buf_start]
+            while len(self._arrivals) > 1 and self._arrivals[1][0] <= self._buf_start:
+                self._arrivals.popleft()
+            if self._bad:
+                self._bad = [(a, b) for a, b in self._bad if b > self._buf_start]
 
     def _detect_queued(self) -> None:
         """Run the detector over queued frames one at a time (the pipeline batches them instead)."""
@@ -192,8 +191,7 @@ class BeatStream:
         pre = DEFAULT_RR_S if self._last_r is None else (r - self._last_r) / self.fs
         self._last_r = r
         self._rr.append(pre)
-        recent = list(self._rr)
-        rr = np.array([pre, np.mean(recent[-LOCAL_BEATS:]), np.mean(recent)], dtype=np.float32)
+        rr = (pre, float(self._rr.mean(LOCAL_BEATS)), float(self._rr.mean(LONG_BEATS)))
         self._pending.append((r, rr, self._arrival(r)))
 
     def _arrival(self, sample: int) -> float:
@@ -213,12 +211,13 @@ class BeatStream:
         r = np.array([b[0] for b in out], dtype=np.int64)
         inside = r - self.enc_before >= self._buf_start  # decided after its input was dropped
         inside |= self._buf_start == 0  # the session's first beats: the codec pads the start
-        windows = codec.cut_windows(self._buf, np.clip(r - self._buf_start, 0, len(self._buf) - 1), self.fs, self.spec)
+        (buf,) = self._window.rows()
+        windows = codec.cut_windows(buf, np.clip(r - self._buf_start, 0, len(buf) - 1), self.fs, self.spec)
         ok = inside.copy()
         for a, b in self._bad:
             ok &= ~((r + self.enc_after >= a) & (r - self.enc_before < b))
         self._ready.append(ReadyBeats(
-            r=r, windows=windows, rr=np.stack([b[1] for b in out]), ok=ok,
+            r=r, windows=windows, rr=np.array([b[1] for b in out], dtype=np.float32), ok=ok,
             arrived=np.array([b[2] for b in out]),
         ))
 
@@ -287,7 +286,34 @@ class BeatStream:
     def memory_bytes(self) -> int:
         """Bytes held in this stream's arrays (buffers, splicer rows, detector ring)."""
         rows = sum(b.row.nbytes for b in self.splicer._beats if b.row is not None)
-        return self._window.nbytes + self.detector.memory_bytes + rows + 8 * (len(self._rr) + 3 * len(self._pending))
+        return self._window.nbytes + self.detector.memory_bytes + rows + self._rr.nbytes + 8 * 3 * len(self._pending)
+
+
+class _Recent:
+    """The last ``n`` values in arrival order, as one array: the RR means are ``np.mean`` over the
+    same values in the same order (same bits) without building a list and an array per beat."""
+
+    def __init__(self, n: int) -> None:
+        self._data = np.empty(2 * n)
+        self._n = n
+        self._lo = self._hi = 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._data.nbytes)
+
+    def append(self, value: float) -> None:
+        if self._hi == self._data.size:  # move the last n - 1 to the front
+            keep = self._n - 1
+            self._data[:keep] = self._data[self._hi - keep : self._hi].copy()
+            self._lo, self._hi = 0, keep
+        self._data[self._hi] = value
+        self._hi += 1
+        self._lo = max(self._lo, self._hi - self._n)
+
+    def mean(self, last: int) -> float:
+        """Mean of the last ``last`` values (``np.mean`` of them)."""
+        return np.mean(self._data[max(self._lo, self._hi - last) : self._hi])
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
