@@ -94,6 +94,7 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
         for i in range(streams):
             start = (offsets[i] + pos) % len(signal)
             anonymizer.feed(Frame(f"w{i}", doubled[start : start + n], fs, seq=pos), now=t_sim)
+        anonymizer.detect()  # (step would do it) so that the clock step sees includes detection
         anonymizer.step(now=t_sim + (time.perf_counter() - t_wall))
     cpu = time.process_time() - cpu0
     wall = time.perf_counter() - wall0

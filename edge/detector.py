@@ -25,7 +25,6 @@ import numpy as np
 from scipy import signal
 
 from edge.codec import median
-from edge.window import SampleWindow
 
 try:
     # The kernel behind scipy.signal.sosfilt. The public function wraps it in array-API dispatch,
@@ -34,6 +33,17 @@ try:
     from scipy.signal._sosfilt import _sosfilt
 except ImportError:  # pragma: no cover - a scipy that moved it: fall back to the public function
     _sosfilt = None
+
+try:
+    # What np.convolve(a, v) calls after checking its arguments: correlate(a, v[::-1]), the longer
+    # first, mode 2 ("full"). The bank calls it once per stream per frame, where the checks cost
+    # as much as the convolution; same call, same bits.
+    from numpy._core.multiarray import correlate as _correlate
+
+    def _convolve(a: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return _correlate(a, v[::-1], 2) if a.size >= v.size else _correlate(v, a[::-1], 2)
+except ImportError:  # pragma: no cover - a numpy that moved it
+    _convolve = np.convolve
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +107,43 @@ class _Candidate:
     rejudged_at: int = 0  # input sample at which a searchback sent it to be judged again
 
 
-class StreamingQRSDetector:
-    """Feed frames of any size with :meth:`feed`; each R-peak is returned exactly once.
+@dataclass(frozen=True)
+class _Spans:
+    """The configuration's durations in samples at one rate."""
 
-    Memory is bounded by a few seconds of buffered signal regardless of how long the stream runs.
+    n_int: int  # integrator taps
+    look: int  # look-ahead
+    look_back: int
+    refractory: int
+    t_wave: int
+    learn: int
+    relearn: int
+    locate: tuple[int, int]
+    baseline: int  # the R-peak deviates most from the median of this span
+    keep: int  # samples each stream keeps: the learning phase and the searchback look
+
+    @classmethod
+    def of(cls, fs: float, cfg: DetectorConfig) -> _Spans:
+        learn, relearn = round(cfg.learn_s * fs), round(cfg.relearn_s * fs)
+        look, look_back, baseline = max(1, round(cfg.lookahead_s * fs)), max(1, round(cfg.lookback_s * fs)), round(0.3 * fs)
+        return cls(
+            n_int=max(1, round(cfg.integration_s * fs)), look=look, look_back=look_back,
+            refractory=round(cfg.refractory_s * fs), t_wave=round(cfg.t_wave_s * fs), learn=learn, relearn=relearn,
+            locate=(round(cfg.locate_s[0] * fs), round(cfg.locate_s[1] * fs)), baseline=baseline,
+            keep=max(learn, relearn) + look_back + look + baseline + 8,
+        )
+
+
+class DetectorBank:
+    """The detectors of many streams at one sample rate, one row per stream.
+
+    A stream's frame costs a few dozen small numpy calls in a per-stream detector, and at 100 ms
+    frames that call overhead, not the arithmetic, is most of the detector's time. The bank keeps
+    every row's filter state and sample window in shared arrays, so the frames of one tick that
+    have the same length go through the band-pass, derivative, storage and the integrator-peak
+    screen as one array each. Only rows with something to decide (an integrator peak, an overdue
+    beat, the learning phase) run the per-stream decision code (``_Row``), on views of their
+    window. Each row gives exactly the beats a detector of its own would give, in any grouping.
     """
 
     def __init__(self, fs: float, config: DetectorConfig | None = None) -> None:
@@ -111,28 +154,206 @@ class StreamingQRSDetector:
         low, high = cfg.band_hz
         high = min(high, 0.45 * fs)
         self._sos = signal.butter(2, [low, high], btype="bandpass", fs=fs, output="sos")
-        self._sos_zi = np.zeros((1, self._sos.shape[0], 2))  # one row: the kernel's (rows, sections, 2)
-        self._n_int = max(1, round(cfg.integration_s * fs))
-        self._look = max(1, round(cfg.lookahead_s * fs))
-        self._look_back = max(1, round(cfg.lookback_s * fs))
-        self._refractory = round(cfg.refractory_s * fs)
-        self._t_wave = round(cfg.t_wave_s * fs)
-        self._learn = round(cfg.learn_s * fs)
-        self._relearn = round(cfg.relearn_s * fs)
-        self._locate = (round(cfg.locate_s[0] * fs), round(cfg.locate_s[1] * fs))
-        self._baseline = round(0.3 * fs)  # the R-peak deviates most from the median of this span
-        # Ring of recent samples: raw, derivative and integrator output, all indexed by absolute
-        # sample number. Long enough for the learning phase and the searchback look.
-        self._keep = max(self._learn, self._relearn) + self._look_back + self._look + self._baseline + 8
-        self._window = SampleWindow(3, self._keep)
-        self._x, self._d, self._f = self._window.rows()
-        self._buf_start = 0  # absolute index of _x[0]
-        self._prev_band = np.zeros(2)  # last two band-passed samples (derivative state)
-        self._int_taps = np.full(self._n_int, 1.0 / self._n_int)
-        self._int_zi = np.zeros(self._n_int - 1)
+        self.spans = sp = _Spans.of(self.fs, cfg)
+        self._taps = np.full(sp.n_int, 1.0 / sp.n_int)
+        self._width = sp.keep + max(sp.keep // 2, 1)  # storage columns: the kept samples plus slack
+        self._rows: list[_Row | None] = []
+        self._free: list[int] = []
+        # Per row: band-pass state (the kernel's (rows, sections, 2)), the last two band-passed
+        # samples (derivative state), the integrator's FIR state, and the window of raw,
+        # derivative and integrator samples. Column c of a row's storage holds absolute sample
+        # origin + c; samples from start to n_seen are visible; end is the first free column.
+        self._zi = np.zeros((0, self._sos.shape[0], 2))
+        self._prev = np.zeros((0, 2))
+        self._int_zi = np.zeros((0, sp.n_int - 1))
+        self._data = np.empty((0, 3, self._width))
+        self._origin = np.zeros(0, dtype=np.int64)
+        self._end = np.zeros(0, dtype=np.int64)
+        self._start = np.zeros(0, dtype=np.int64)
+        self._n_seen = np.zeros(0, dtype=np.int64)
+        self._next_check = np.zeros(0, dtype=np.int64)  # first sample not yet tested as an integrator peak
+        self._deadline = np.zeros(0, dtype=np.int64)  # next overdue-beat deadline
+        self._learned = np.zeros(0, dtype=bool)
+
+    # ----------------------------------------------------------------------------------------
+    def add(self) -> int:
+        """A fresh row (a new stream, or a detector started afresh); returns its index."""
+        if not self._free:
+            self._grow()
+        i = self._free.pop()
+        for a in (self._zi, self._prev, self._int_zi, self._origin, self._end, self._start, self._n_seen,
+                  self._next_check, self._deadline, self._learned):
+            a[i] = 0
+        self._rows[i] = _Row(self)
+        return i
+
+    def release(self, i: int) -> None:
+        """The row's stream ended: its storage goes to the next stream."""
+        if self._rows[i] is not None:
+            self._rows[i] = None
+            self._free.append(i)
+
+    def __len__(self) -> int:
+        return len(self._rows) - len(self._free)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row's window and filter state."""
+        return int(self._data[0].nbytes + self._zi[0].nbytes + self._prev[0].nbytes + self._int_zi[0].nbytes)
+
+    def n_seen(self, i: int) -> int:
+        return int(self._n_seen[i])
+
+    def window(self, i: int) -> np.ndarray:
+        """Row ``i``'s visible (raw, derivative, integrator) samples, a (3, n) view."""
+        return self._data[i, :, int(self._start[i] - self._origin[i]) : int(self._end[i])]
+
+    def settled(self, i: int) -> int:
+        """See :attr:`StreamingQRSDetector.settled`."""
+        if not self._learned[i]:
+            return 0
+        return max(0, int(self._n_seen[i]) - self.spans.look - 1 - self.spans.locate[0])
+
+    def _grow(self) -> None:
+        old = len(self._rows)
+        new = max(8, 2 * old)
+        for name in ("_zi", "_prev", "_int_zi", "_data", "_origin", "_end", "_start", "_n_seen", "_next_check",
+                     "_deadline", "_learned"):
+            a = getattr(self, name)
+            grown = np.zeros((new, *a.shape[1:]), dtype=a.dtype)
+            grown[:old] = a
+            setattr(self, name, grown)
+        self._rows += [None] * (new - old)
+        self._free += range(new - 1, old - 1, -1)  # pop() hands out the lowest first
+
+    # ----------------------------------------------------------------------------------------
+    def feed(self, rows: list[int], frames: list[np.ndarray]) -> list[list[RPeak]]:
+        """One frame for each of ``rows`` (all of one length, physical units, finite); returns each
+        row's beats decided by it. On DetectorInputError no row has changed."""
+        try:
+            x = np.array(frames, dtype=np.float64)
+        except ValueError:
+            x = np.empty(0)
+        if x.ndim != 2 or x.shape[0] != len(rows):
+            raise DetectorInputError(f"expected one 1-D frame per row, all of one length, got shape {x.shape}")
+        if not np.isfinite(x).all():
+            bad = int(np.count_nonzero(~np.isfinite(x)))
+            raise DetectorInputError(f"frame has {bad} non-finite sample(s) of {x.size}")
+        n = x.shape[1]
+        idx = np.array(rows, dtype=np.intp)
+        if n == 0:
+            return [[] for _ in rows]
+        band = _bandpass(self._sos, x, self._zi, idx)
+        # Central difference over the band-passed signal (one sample late), scaled to units/s.
+        ext = np.concatenate([self._prev[idx], band], axis=1)
+        deriv = (ext[:, 2:] - ext[:, :-2]) * (self.fs / 2.0)
+        self._prev[idx] = ext[:, -2:]
+        rect = deriv * deriv if self.config.rectify == "square" else np.abs(deriv)
+        # Moving-window integrator as an FIR with carried state: a running sum would round
+        # differently depending on where frames split. One call per row: see _fir.
+        feature = np.empty_like(rect)
+        int_zi = self._int_zi
+        for j, i in enumerate(rows):
+            feature[j], int_zi[i] = _fir(self._taps, rect[j], int_zi[i])
+        self._store(idx, n, x, deriv, feature)
+        n_seen = self._n_seen[idx]
+        beats: list[list[RPeak]] = [[] for _ in rows]
+        for j in np.flatnonzero(self._to_decide(idx, n, n_seen)).tolist():
+            beats[j] = self._decide(rows[j], final=False)
+        self._start[idx] = np.maximum(self._start[idx], n_seen - self.spans.keep)  # hide all but `keep`
+        return beats
+
+    def flush(self, i: int) -> list[RPeak]:
+        """End of row ``i``'s input: decide what the missing look-ahead still allows."""
+        beats = self._decide(i, final=True)
+        self._start[i] = max(int(self._start[i]), int(self._n_seen[i]) - self.spans.keep)
+        return beats
+
+    def _store(self, idx: np.ndarray, n: int, *signals: np.ndarray) -> None:
+        """Append ``n`` samples of each signal to the rows' windows."""
+        end = self._end[idx]
+        full = end + n > self._width
+        if full.any():  # the slack is used up: move the visible samples to the front (every keep/2 samples)
+            for i in idx[full].tolist():
+                lo, hi = int(self._start[i] - self._origin[i]), int(self._end[i])
+                if hi - lo + n > self._width:  # a frame longer than the slack: widen every row
+                    self._width = hi - lo + n + max(self.spans.keep // 2, 1)
+                    grown = np.empty((self._data.shape[0], 3, self._width))
+                    grown[:, :, : self._data.shape[2]] = self._data
+                    self._data = grown
+                self._data[i, :, : hi - lo] = self._data[i, :, lo:hi].copy()
+                self._origin[i], self._end[i] = self._start[i], hi - lo
+            end = self._end[idx]
+        cols = end[:, None] + np.arange(n)
+        at = idx[:, None]
+        for k, s in enumerate(signals):
+            self._data[at, k, cols] = s
+        self._end[idx] = end + n
+        self._n_seen[idx] += n
+
+    def _to_decide(self, idx: np.ndarray, n: int, n_seen: np.ndarray) -> np.ndarray:
+        """Which rows have something to decide after a frame of ``n`` samples: the vectorised form of
+        the checks at the top of ``_Row.process``. A row whose samples up to the look-ahead hold no
+        integrator peak and no overdue-beat deadline, and that has finished learning, has nothing."""
+        sp = self.spans
+        learned = self._learned[idx]
+        check = self._next_check[idx]
+        horizon = n_seen - sp.look
+        # Regular rows: the last frame was screened too, so the samples to test are this frame's
+        # n, shifted back by the look-ahead, and their look-back lies inside the window.
+        regular = learned & (check + n == horizon) & (check >= self._start[idx] + sp.look_back)
+        regular &= self._deadline[idx] > horizon
+        decide = (~learned & (n_seen >= sp.learn)) | (learned & ~regular)
+        at = np.flatnonzero(regular)
+        if at.size:
+            # A peak is above the previous sample and not below the next (tested first, on all
+            # rows at once), larger than the last look_back and not smaller than the next look.
+            rows = idx[at]
+            first = check[at] - 1 - self._origin[rows]  # storage column of sample check - 1
+            f = self._data[rows[:, None], 2, first[:, None] + np.arange(n + 2)]
+            value = f[:, 1:-1]
+            local = (value > f[:, :-2]) & (value >= f[:, 2:]) & (value > 0)
+            r, c = np.nonzero(local)
+            if r.size:
+                col = first[r] + 1 + c  # storage column of each local maximum
+                storage = rows[r][:, None]
+                peak = self._data[rows[r], 2, col]
+                before = self._data[storage, 2, col[:, None] + np.arange(-sp.look_back, 0)].max(axis=1)
+                after = self._data[storage, 2, col[:, None] + np.arange(1, sp.look + 1)].max(axis=1)
+                found = r[(peak > before) & (peak >= after)]
+                decide[at[found]] = True
+                regular[at[found]] = False
+            self._next_check[idx[regular]] = horizon[regular]
+        return decide
+
+    def _decide(self, i: int, final: bool) -> list[RPeak]:
+        """Run row ``i``'s decision code on views of its window."""
+        row = self._rows[i]
+        row.n_seen = int(self._n_seen[i])
+        row.buf_start = int(self._start[i])
+        row.x, row.d, row.f = self.window(i)
+        row.next_check = int(self._next_check[i])
+        beats = row.process(final)
+        self._next_check[i] = row.next_check
+        self._learned[i] = row.learned
+        self._deadline[i] = row.deadline()
+        return beats
+
+
+class _Row:
+    """One stream's decisions: Pan-Tompkins/Hamilton thresholds, candidate peaks, T-wave and
+    searchback rules. The bank sets ``n_seen``, ``buf_start`` (absolute sample of column 0 of
+    the views) and the views ``x``, ``d``, ``f`` (raw, derivative, integrator) before each call."""
+
+    def __init__(self, bank: DetectorBank) -> None:
+        self.fs = bank.fs
+        self.config = cfg = bank.config
+        self.s = bank.spans
         self.n_seen = 0
-        self._next_peak_check = 0  # first sample not yet tested as an integrator peak
-        self._learned = False
+        self.buf_start = 0
+        self.x = self.d = self.f = np.empty(0)
+        self.next_check = 0
+        self.learned = False
         self._qrs_peaks: deque[float] = deque(maxlen=cfg.history)
         self._noise_peaks: deque[float] = deque(maxlen=cfg.history)
         self._rr: deque[int] = deque(maxlen=cfg.history)
@@ -142,70 +363,21 @@ class StreamingQRSDetector:
         self._pending: list[_Candidate] = []  # peaks below threshold since the last beat
         self._candidates: deque[_Candidate] = deque()  # found but not yet classified
 
-    # ----------------------------------------------------------------------------------------
-    def feed(self, frame: np.ndarray) -> list[RPeak]:
-        """Take the next samples (any length, physical units) and return beats decided by them."""
-        x = np.asarray(frame, dtype=np.float64)
-        if x.ndim != 1:
-            raise DetectorInputError(f"expected a 1-D frame of samples, got shape {x.shape}")
-        if not np.all(np.isfinite(x)):
-            bad = int(np.count_nonzero(~np.isfinite(x)))
-            raise DetectorInputError(f"frame has {bad} non-finite sample(s) of {x.size}")
-        if x.size == 0:
-            return []
-        band = _bandpass(self._sos, x, self._sos_zi)
-        # Central difference over the band-passed signal (one sample late), scaled to units/s.
-        ext = np.concatenate([self._prev_band, band])
-        deriv = (ext[2:] - ext[:-2]) * (self.fs / 2.0)
-        self._prev_band = ext[-2:]
-        rect = deriv * deriv if self.config.rectify == "square" else np.abs(deriv)
-        # Moving-window integrator as an FIR with carried state: a running sum would round
-        # differently depending on where frames split.
-        feature, self._int_zi = _fir(self._int_taps, rect, self._int_zi)
-        self._window.append(x, deriv, feature)
-        self._x, self._d, self._f = self._window.rows()
-        self.n_seen += x.size
-        beats = self._process(final=False)
-        self._trim()
-        return beats
-
-    @property
-    def memory_bytes(self) -> int:
-        """Bytes of the sample window (raw, derivative, integrator)."""
-        return self._window.nbytes
-
-    @property
-    def settled(self) -> int:
-        """Every beat with its R-peak before this sample has been returned, bar one a searchback
-        may still find: an integrator peak is judged ``lookahead_s`` after it, and the R-peak lies
-        at most ``locate_s[0]`` before the peak. Zero while the thresholds are being learnt."""
-        if not self._learned:
-            return 0
-        return max(0, self.n_seen - self._look - 1 - self._locate[0])
-
-    def flush(self) -> list[RPeak]:
-        """End of input: decide what the missing look-ahead still allows (file mode)."""
-        beats = self._process(final=True)
-        self._trim()
-        return beats
-
-    # ----------------------------------------------------------------------------------------
-    def _trim(self) -> None:
-        if self._window.trim():
-            self._buf_start = self._window.start
-            self._x, self._d, self._f = self._window.rows()
+    def deadline(self) -> int:
+        """Sample at which a beat is overdue (searchback)."""
+        return self._sb_anchor + round(self.config.searchback_rr * (self._mean_rr() or self.fs))
 
     def _find_peaks(self, final: bool) -> None:
         """Queue integrator peaks: larger than the last ``lookback_s`` and not smaller than the next
         ``lookahead_s``. The long look back (free: it adds no delay) merges the two energy humps of
         a wide ventricular beat; the short look ahead bounds the delay."""
-        back, ahead = self._look_back, self._look
+        back, ahead = self.s.look_back, self.s.look
         end = self.n_seen if final else self.n_seen - ahead
-        start = max(self._next_peak_check, self._buf_start + back)
+        start = max(self.next_check, self.buf_start + back)
         if end <= start:
             return
-        b = self._buf_start
-        seg = self._f[start - back - b : min(end + ahead, self.n_seen) - b]
+        b = self.buf_start
+        seg = self.f[start - back - b : min(end + ahead, self.n_seen) - b]
         if end + ahead > self.n_seen:  # only at the end of input: the look-ahead sees nothing more
             seg = np.concatenate([seg, np.full(end + ahead - self.n_seen, -np.inf)])
         # A peak is above the previous sample and not below the next, so only those local maxima
@@ -216,35 +388,35 @@ class StreamingQRSDetector:
             i = back + k
             if seg[i] > seg[i - back : i].max() and seg[i] >= seg[i + 1 : i + ahead + 1].max():
                 self._candidates.append(self._candidate(start + k))
-        self._next_peak_check = end
+        self.next_check = end
 
     def _candidate(self, peak: int) -> _Candidate:
-        b = self._buf_start
-        lo = max(b, peak - self._n_int - 2)
-        slope = float(np.max(np.abs(self._d[lo - b : peak - b + 1])))
+        b = self.buf_start
+        lo = max(b, peak - self.s.n_int - 2)
+        slope = float(np.max(np.abs(self.d[lo - b : peak - b + 1])))
         # The R-peak: the largest deviation of the raw signal from its local median.
-        base = float(median(self._x[max(b, peak - self._baseline) - b : peak - b + 1]))
-        lo = max(b, peak - self._locate[0])
-        seg = self._x[lo - b : max(lo, peak - self._locate[1]) - b + 1]
+        base = float(median(self.x[max(b, peak - self.s.baseline) - b : peak - b + 1]))
+        lo = max(b, peak - self.s.locate[0])
+        seg = self.x[lo - b : max(lo, peak - self.s.locate[1]) - b + 1]
         dev = np.abs(seg - base)
         r = lo + int(np.argmax(dev))
-        return _Candidate(peak, float(self._f[peak - b]), slope, r, float(dev.max()))
+        return _Candidate(peak, float(self.f[peak - b]), slope, r, float(dev.max()))
 
-    def _process(self, final: bool) -> list[RPeak]:
+    def process(self, final: bool) -> list[RPeak]:
         """Classify queued peaks and overdue-beat deadlines strictly in sample order."""
         out: list[RPeak] = []
-        if not self._learned:
-            if self.n_seen < self._learn and not final:
+        if not self.learned:
+            if self.n_seen < self.s.learn and not final:
                 return out
-            self._learn_thresholds(min(self._learn, self.n_seen))
-            self._learned = True
+            self._learn_thresholds(min(self.s.learn, self.n_seen))
+            self.learned = True
         self._find_peaks(final)
-        horizon = self.n_seen if final else self.n_seen - self._look
+        horizon = self.n_seen if final else self.n_seen - self.s.look
         while True:
-            deadline = self._sb_anchor + round(self.config.searchback_rr * (self._mean_rr() or self.fs))
+            deadline = self.deadline()
             nxt = self._candidates[0] if self._candidates else None
             if deadline <= horizon and (nxt is None or deadline <= nxt.sample):
-                decided = min(max(deadline + self._look, self._learn), self.n_seen)
+                decided = min(max(deadline + self.s.look, self.s.learn), self.n_seen)
                 found = self._search_back(deadline, decided)
                 if found is not None:
                     out.append(RPeak(found.r_sample, decided))
@@ -253,14 +425,14 @@ class StreamingQRSDetector:
                 break
             self._candidates.popleft()
             if self._classify(nxt):
-                decided = min(max(nxt.sample + self._look + 1, nxt.rejudged_at, self._learn), self.n_seen)
+                decided = min(max(nxt.sample + self.s.look + 1, nxt.rejudged_at, self.s.learn), self.n_seen)
                 out.append(RPeak(nxt.r_sample, decided))
         return out
 
     def _learn_thresholds(self, stop: int) -> None:
         """Levels from the last ``learn_s`` before ``stop``: QRS from per-second maxima, noise from the mean."""
-        b = self._buf_start
-        f = self._f[max(stop - self._learn, b) - b : stop - b]
+        b = self.buf_start
+        f = self.f[max(stop - self.s.learn, b) - b : stop - b]
         sec = max(1, round(self.fs))
         maxima = [float(np.max(f[i : i + sec])) for i in range(0, f.size, sec)] or [0.0]
         self._qrs_peaks.clear()
@@ -290,7 +462,7 @@ class StreamingQRSDetector:
             self._pending = [c for c in self._pending if c.sample >= deadline]
             self._sb_anchor = deadline
             last = self._last_qrs.sample if self._last_qrs is not None else 0
-            if deadline - last >= self._relearn:
+            if deadline - last >= self.s.relearn:
                 log.debug("no beat for %.1f s at sample %d: learning levels again",
                           (deadline - last) / self.fs, deadline)
                 self._learn_thresholds(deadline)
@@ -306,7 +478,7 @@ class StreamingQRSDetector:
     def _classify(self, c: _Candidate) -> bool:
         """Decide one integrator peak: beat, T wave or noise."""
         last = self._last_qrs
-        if last is not None and c.sample - last.sample < self._refractory:
+        if last is not None and c.sample - last.sample < self.s.refractory:
             return False
         threshold = self._threshold()
         big = (
@@ -317,7 +489,7 @@ class StreamingQRSDetector:
         if c.height > threshold or big:
             if (
                 last is not None
-                and c.sample - last.sample < self._t_wave
+                and c.sample - last.sample < self.s.t_wave
                 and c.slope < self.config.t_wave_slope_ratio * last.slope
             ):
                 self._noise_peaks.append(c.height)
@@ -343,23 +515,86 @@ class StreamingQRSDetector:
         self._pending = []
 
 
+class StreamingQRSDetector:
+    """Feed frames of any size with :meth:`feed`; each R-peak is returned exactly once.
+
+    One stream's detector: a row of a :class:`DetectorBank`, its own unless ``bank`` is given (the
+    pipeline shares one bank per rate and feeds the bank directly). Memory is bounded by a few
+    seconds of buffered signal regardless of how long the stream runs.
+    """
+
+    def __init__(self, fs: float, config: DetectorConfig | None = None, bank: DetectorBank | None = None) -> None:
+        if bank is None:
+            bank = DetectorBank(fs, config)
+        elif bank.fs != float(fs) or (config is not None and bank.config != config):
+            raise ValueError("the bank runs another rate or configuration")
+        self.bank = bank
+        self.row = bank.add()
+        self.fs = bank.fs
+        self.config = bank.config
+
+    def feed(self, frame: np.ndarray) -> list[RPeak]:
+        """Take the next samples (any length, physical units) and return beats decided by them."""
+        x = np.asarray(frame, dtype=np.float64)
+        if x.ndim != 1:
+            raise DetectorInputError(f"expected a 1-D frame of samples, got shape {x.shape}")
+        if x.size == 0:
+            return []
+        return self.bank.feed([self.row], [x])[0]
+
+    def flush(self) -> list[RPeak]:
+        """End of input: decide what the missing look-ahead still allows (file mode)."""
+        return self.bank.flush(self.row)
+
+    def close(self) -> None:
+        """Give the row back to a shared bank (the stream ended or restarts its detector)."""
+        self.bank.release(self.row)
+
+    @property
+    def n_seen(self) -> int:
+        return self.bank.n_seen(self.row)
+
+    @property
+    def window_samples(self) -> int:
+        """Samples held in the window (raw, derivative and integrator each)."""
+        return self.bank.window(self.row).shape[1]
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the sample window (raw, derivative, integrator) and filter state."""
+        return self.bank.row_bytes
+
+    @property
+    def settled(self) -> int:
+        """Every beat with its R-peak before this sample has been returned, bar one a searchback
+        may still find: an integrator peak is judged ``lookahead_s`` after it, and the R-peak lies
+        at most ``locate_s[0]`` before the peak. Zero while the thresholds are being learnt."""
+        return self.bank.settled(self.row)
+
+
 def _fir(taps: np.ndarray, x: np.ndarray, zi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``scipy.signal.lfilter(taps, 1.0, x, zi=zi)``, computed the way lfilter computes an FIR
     with state (full convolution, state added to its head, the tail carried on), without the
-    per-call overhead that costs more than the convolution on a 100 ms frame; same bits."""
-    full = np.convolve(taps, x)
+    per-call overhead that costs more than the convolution on a 100 ms frame; same bits. One row
+    at a time: numpy and scipy have no batched convolution that sums in ``np.convolve``'s order,
+    and a different order would round differently from a stream's own detector."""
+    full = _convolve(taps, x)
     full[: taps.size - 1] += zi
     return full[: x.size], full[x.size :]
 
 
-def _bandpass(sos: np.ndarray, x: np.ndarray, zi: np.ndarray) -> np.ndarray:
-    """``sosfilt(sos, x)`` continuing from ``zi`` (shape (1, sections, 2), updated in place)."""
+def _bandpass(sos: np.ndarray, x: np.ndarray, zi: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``sosfilt(sos, x, axis=1)`` of a (k, n) frame matrix, continuing from ``zi[rows]`` (the
+    kernel's (rows, sections, 2) state, updated)."""
+    state = zi[rows]
     if _sosfilt is None:  # pragma: no cover
-        y, zi[0] = signal.sosfilt(sos, x, zi=zi[0])
+        y, state = signal.sosfilt(sos, x, axis=1, zi=state.transpose(1, 0, 2))
+        zi[rows] = state.transpose(1, 0, 2)
         return y
-    y = np.array(x, dtype=np.float64, order="C").reshape(1, -1)  # a copy: filtered in place
-    _sosfilt(sos, y, zi)
-    return y[0]
+    y = x.copy()  # filtered in place
+    _sosfilt(sos, y, state)
+    zi[rows] = state
+    return y
 
 
 def detect(signal_: np.ndarray, fs: float, frame: int = 0, config: DetectorConfig | None = None) -> list[RPeak]:

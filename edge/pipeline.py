@@ -1,8 +1,10 @@
 """The anonymizing pipeline over many streams: detector -> codec.encode -> classifier -> generator
 -> codec.decode -> splicer, with the models batched across every live stream.
 
-``feed`` does each frame's per-stream work at once (detection, buffering); ``step`` runs one model
-batch over whatever beats are ready in any stream and emits each stream's final output. A stream
+``feed`` checks and queues each frame; ``step`` runs the detector over every queued frame (one
+``DetectorBank`` per sample rate: the frames of one tick go through it as arrays, not stream by
+stream), then one model batch over whatever beats are ready in any stream, and emits each
+stream's final output. A stream
 never waits on another: ``step`` takes what is ready now, whoever it came from. The asyncio
 service (``edge.service``) and file mode (``edge.anonymize``) drive the same object.
 
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge import codec
-from edge.detector import DetectorConfig
+from edge.detector import DetectorBank, DetectorConfig
 from edge.frames import AnonBeat, AnonFrame, BadInput, Frame, SessionEnd, SessionInfo
 from edge.metrics import EdgeMetrics
 from edge.models import ClassifierSession, GeneratorSession
@@ -86,6 +88,8 @@ class Anonymizer:
         self.streams: dict[str, BeatStream] = {}
         self._info: dict[str, SessionInfo] = {}
         self._dirty: set[str] = set()  # devices fed since the last step
+        self._banks: dict[float, DetectorBank] = {}  # the detectors of every stream of one rate
+        self._queued: dict[str, BeatStream] = {}  # streams with frames the detector has not seen
 
     # ------------------------------------------------------------------------------------------
     def swap_models(self, generator: GeneratorSession | None = None, classifier: ClassifierSession | None = None) -> None:
@@ -126,7 +130,7 @@ class Anonymizer:
         log.warning("bad input (%s)%s: %s", event.kind, "" if event.device is None else " from a device", event.detail)
 
     def feed(self, frame: Frame, now: float | None = None) -> StepOutput:
-        """One frame of one device: detection and buffering now, models at the next ``step``."""
+        """One frame of one device: checked and queued now, detection and models at the next ``step``."""
         now = self.clock() if now is None else now
         out = StepOutput()
         x = np.asarray(frame.samples, dtype=np.float64)
@@ -160,6 +164,7 @@ class Anonymizer:
                 stream.feed_gap(gap, now)
         if stream is None:
             stream = self._open(frame, out)
+        self._queued[frame.device] = stream
         if x.size > self.settings.max_frame_s * frame.fs:
             self.bad_input(BadInput(
                 "oversize", f"frame of {x.size} samples is longer than {self.settings.max_frame_s:g} s; masked",
@@ -170,15 +175,7 @@ class Anonymizer:
         self._dirty.add(frame.device)
         self.metrics.frames.inc()
         self.metrics.samples.inc(x.size)
-        try:
-            n_bad = stream.feed(x, now)
-        except Exception as exc:  # noqa: BLE001 - the detector failed: mask this frame, start it afresh
-            log.error("detector failed on a frame of %s (%s); frame masked, detector restarted",
-                      stream.pseudonym, exc)
-            self.metrics.bad_input.labels("detector").inc()
-            stream.reset_detector()
-            stream.feed_gap(x.size, now)
-            return out
+        n_bad = stream.feed(x, now)
         if n_bad:
             self.bad_input(BadInput("nan", f"{n_bad} of {x.size} samples are not finite; masked", frame.device))
         return out
@@ -188,8 +185,11 @@ class Anonymizer:
         pseudonym = keyed_pseudonym(frame.device, s.pseudonym_secret) if s.pseudonym_secret else random_pseudonym()
         dim = self.generator.contract.persona_dim if self.generator else 32
         persona = Persona.draw(self.rng, dim, s.persona_spread)
+        bank = self._banks.get(frame.fs)
+        if bank is None:
+            bank = self._banks[frame.fs] = DetectorBank(frame.fs, s.detector)
         stream = BeatStream(frame.fs, pseudonym, persona, np.random.default_rng(self.rng.integers(2**63)),
-                            self.spec, s.detector, s.lost_s)
+                            self.spec, s.detector, s.lost_s, bank)
         stream.timestamp0 = frame.timestamp
         stream.seq0 = frame.seq or 0  # a device that numbers its samples may start mid-count
         self.streams[frame.device] = stream
@@ -208,9 +208,13 @@ class Anonymizer:
         if stream is None:
             return out
         now = self.clock() if now is None else now
+        self.detect()
         stream.flush_detector()
         out.extend(self.step(now, final={device}))
         del self.streams[device]
+        stream.close()
+        if not self._banks[stream.fs]:  # the last stream of its rate
+            del self._banks[stream.fs]
         info = self._info.pop(device)
         info.state = "ended"
         out.ended.append(info)
@@ -226,9 +230,35 @@ class Anonymizer:
         return out
 
     # ------------------------------------------------------------------------------------------
+    def detect(self) -> None:
+        """Run the detector over every queued frame (``step`` starts with this). In rounds of one
+        frame per stream, so each stream's frames go through in order; in each round the frames of
+        one bank and length are one array operation. A detector that fails masks its frames and
+        starts afresh (fail closed)."""
+        streams = list(self._queued.values())
+        self._queued.clear()
+        while streams:
+            groups: dict[tuple[DetectorBank, int], list[tuple[BeatStream, np.ndarray, float]]] = {}
+            for stream in streams:
+                x, now = stream.queue.popleft()
+                groups.setdefault((stream.detector.bank, x.size), []).append((stream, x, now))
+            for (bank, _), members in groups.items():
+                try:
+                    peaks = bank.feed([s.detector.row for s, _, _ in members], [x for _, x, _ in members])
+                except Exception as exc:  # noqa: BLE001 - mask these frames, restart their detectors
+                    log.error("detector failed on a frame of %d stream(s) (%s); frames masked, detectors restarted",
+                              len(members), exc)
+                    self.metrics.bad_input.labels("detector").inc(len(members))
+                    peaks = [None] * len(members)
+                for (stream, x, now), p in zip(members, peaks):
+                    stream.detected(x, now, p)
+            streams = [s for s in streams if s.queue]
+
     def step(self, now: float | None = None, final: set[str] | frozenset[str] = frozenset()) -> StepOutput:
-        """One model batch over every stream's ready beats, then each stream's final output."""
+        """Detection over the queued frames, one model batch over every stream's ready beats, then
+        each stream's final output."""
         now = self.clock() if now is None else now
+        self.detect()
         # Only streams fed since the last step (or ending now) can have new beats or new output.
         touched = [(d, self.streams[d]) for d in (self._dirty | set(final)) if d in self.streams]
         self._dirty = set()

@@ -1,9 +1,10 @@
 """The live edge on one asyncio loop: sources feed the pipeline, a batching tick runs the models,
 sinks publish. bleak, the MQTT client and the replays all live on this loop (DESIGN.md).
 
-Each source runs as its own task and feeds frames as they come (detection is per frame and
-cheap); the tick runs one model batch over every stream's ready beats every ``tick_s``, so a
-stream never waits on another stream's input, and the models see large batches under load.
+Each source runs as its own task and feeds frames as they come (they are checked and queued);
+the tick runs the detector over every queued frame (one array operation per rate and frame
+length) and one model batch over every stream's ready beats every ``tick_s``, so a stream never
+waits on another stream's input, and the detector and the models see large batches under load.
 A model refresh (``Anonymizer.swap_models``, called on this loop) takes effect between ticks: no
 batch ever mixes two models.
 """

@@ -21,6 +21,7 @@ Hand-written: this is the product's own placement rule; no library splices beats
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,10 +128,7 @@ class Splicer:
             b, w = self._boundary(beat, nxt)
             if w:
                 tail_lo, tail_hi = b - w, b + w
-        t = np.arange(max(beat.start, lo), min(end, hi))
-        up = _ramp(t, head_lo, head_hi)
-        down = 1.0 - _ramp(t, tail_lo, tail_hi)
-        return np.minimum(up, down)
+        return _weight(max(beat.start, lo), min(end, hi), head_lo, head_hi, tail_lo, tail_hi)
 
     def _boundary(self, a: _Placed, b: _Placed) -> tuple[int, int]:
         """Cross-fade centre and half-width between consecutive rendered beats; (0, 0) when their
@@ -148,13 +146,21 @@ class Splicer:
         return centre, w
 
     def _mask_lost(self, out: np.ndarray, weight: np.ndarray, lo: int, hi: int) -> None:
-        """Mask beat-less stretches more than ``lost`` samples after the last R-peak."""
+        """Mask beat-less stretches more than ``lost`` samples after the last R-peak. Walks the
+        stretches between R-peaks (a few per emit) instead of testing every sample."""
         rs = [b.r for b in self._beats]
-        t = np.arange(lo, hi)
-        idx = np.searchsorted(rs, t, side="right") - 1
-        last = np.where(idx >= 0, np.asarray(rs + [0])[idx], self._last_r)
-        lost = (t - last > self.lost) & (weight == 0)
-        out[lost] = np.nan
+        j = bisect.bisect_right(rs, lo)  # rs[j] is the first R-peak after lo
+        last = rs[j - 1] if j > 0 else self._last_r
+        t = lo
+        while t < hi:
+            nxt = min(rs[j], hi) if j < len(rs) else hi  # [t, nxt) has ``last`` as its last R-peak
+            a = max(t, last + self.lost + 1)
+            if a < nxt:
+                seg = out[a - lo : nxt - lo]
+                seg[weight[a - lo : nxt - lo] == 0] = np.nan
+            if j >= len(rs):
+                break
+            t, last, j = nxt, rs[j], j + 1
 
     def _forget(self) -> None:
         """Drop beats and masks wholly behind the cursor, keeping the one just before the first
@@ -169,6 +175,25 @@ class Splicer:
 
 def _width(beat: _Placed) -> int:
     return len(beat.row) if beat.row is not None else 0
+
+
+def _weight(a: int, b: int, up_lo: int, up_hi: int, down_lo: int, down_hi: int) -> np.ndarray:
+    """Weights of samples ``a .. b-1``: the smaller of a raised-cosine ramp up over
+    [up_lo, up_hi) and one down over [down_lo, down_hi). Outside its ramp a ramp is exactly 0 or
+    1, so only the ramps' own samples (a few dozen of a beat's hundreds) are computed."""
+    up_hi, down_hi = max(up_hi, up_lo), max(down_hi, down_lo)  # an empty ramp is a step at its start
+    w = np.ones(b - a)
+    if up_lo > a:
+        w[: min(up_lo, b) - a] = 0.0
+    lo, hi = max(up_lo, a), min(up_hi, b)
+    if hi > lo:
+        w[lo - a : hi - a] = _ramp(np.arange(lo, hi), up_lo, up_hi)
+    if down_hi < b:
+        w[max(down_hi, a) - a :] = 0.0
+    lo, hi = max(down_lo, a), min(down_hi, b)
+    if hi > lo:
+        np.minimum(w[lo - a : hi - a], 1.0 - _ramp(np.arange(lo, hi), down_lo, down_hi), out=w[lo - a : hi - a])
+    return w
 
 
 def _ramp(t: np.ndarray, lo: int, hi: int) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 
 from edge import codec
 from edge.codec import CodecSpec
-from edge.detector import DetectorConfig, StreamingQRSDetector
+from edge.detector import DetectorBank, DetectorConfig, RPeak, StreamingQRSDetector
 from edge.persona import Persona
 from edge.splicer import Splicer
 from edge.window import SampleWindow
@@ -71,6 +71,7 @@ class BeatStream:
         spec: CodecSpec = codec.DEFAULT_SPEC,
         detector: DetectorConfig | None = None,
         lost_s: float = 3.0,
+        bank: DetectorBank | None = None,
     ) -> None:
         self.fs = float(fs)
         self.pseudonym = pseudonym
@@ -78,30 +79,35 @@ class BeatStream:
         self.rng = rng
         self.spec = spec
         self._detector_config = detector
-        self.detector = StreamingQRSDetector(self.fs, detector)
+        self.detector = StreamingQRSDetector(self.fs, detector, bank)
         self._detector_offset = 0  # input sample of the detector's sample 0 (moves when it restarts)
+        # Frames received but not yet through the detector: the pipeline runs the detector of every
+        # stream at once, at the next step (DetectorBank); ``ready`` and ``flush_detector`` run
+        # what is left one frame at a time.
+        self.queue: deque[tuple[np.ndarray, float]] = deque()
         self.enc_before, self.enc_after = codec.encode_span(self.fs, spec)
         self.dec_before, _ = codec.decode_span(self.fs, spec)
         self.splicer = Splicer(self.fs, lost_s=lost_s)
         self.head = 0  # input samples received
+        self._done = 0  # input samples through the detector
         self.timestamp0: float | None = None  # time of sample 0, when the source carries time
         self.seq0 = 0  # the device's own index of sample 0
         self._keep = self.enc_before + self.enc_after + round(KEEP_EXTRA_S * self.fs)
         self._window = SampleWindow(1, self._keep)
-        (self._buf,) = self._window.rows()
         self._buf_start = 0
         self._bad: list[tuple[int, int]] = []  # [a, b) input spans that were NaN, gaps or rejected
         self._hold = 0.0  # last finite input sample: what the detector sees inside bad spans
-        self._pending: deque[tuple[int, np.ndarray, float]] = deque()  # (r, rr, arrived) awaiting post-R input
+        self._pending: deque[tuple[int, tuple[float, float, float], float]] = deque()  # (r, rr, arrived) awaiting post-R input
         self._ready: list[ReadyBeats] = []  # encoded, awaiting the models
         self._arrivals: deque[tuple[int, float]] = deque()  # (input head after a frame, clock)
         self._last_r: int | None = None
-        self._rr: deque[float] = deque(maxlen=LONG_BEATS)
+        self._rr = _Recent(LONG_BEATS)  # RR intervals of the last LONG_BEATS beats, s
         self._labels: dict[int, tuple[int, float, str | None]] = {}  # R -> (class, arrival, generator) until emitted
 
     # ------------------------------------------------------------------------------------------
     def feed(self, samples: np.ndarray, now: float) -> int:
-        """Take the next input samples (mV; NaN marks bad ones). Returns how many were bad."""
+        """Take the next input samples (mV; NaN marks bad ones) into the queue for the detector.
+        Returns how many were bad."""
         x = np.asarray(samples, dtype=np.float64)
         bad = ~np.isfinite(x)
         n_bad = int(bad.sum())
@@ -113,7 +119,8 @@ class BeatStream:
                 x[a:b] = x[a - 1] if a > 0 else self._hold
         if x.size:
             self._hold = float(x[-1])
-        self._push(x, now)
+        self.queue.append((x, now))
+        self.head += x.size
         return n_bad
 
     def feed_gap(self, n: int, now: float) -> None:
@@ -122,28 +129,59 @@ class BeatStream:
 
     def reset_detector(self) -> None:
         """Start the detector afresh (after it failed); beats already found are kept."""
-        self.detector = StreamingQRSDetector(self.fs, self._detector_config)
-        # The new detector counts from zero: offset its output by the current head.
-        self._detector_offset = self.head
+        self.detector.close()
+        self.detector = StreamingQRSDetector(self.fs, self._detector_config, self.detector.bank)
+        # The new detector counts from zero: offset its output by the samples it has not seen.
+        self._detector_offset = self._done
 
-    def _push(self, x: np.ndarray, now: float) -> None:
-        peaks = self.detector.feed(x)  # first: if the detector raises, the stream is unchanged
+    def close(self) -> None:
+        """The session ended: give the detector's row back to its bank."""
+        self.detector.close()
+
+    def detected(self, x: np.ndarray, now: float, peaks: list[RPeak] | None) -> None:
+        """The detector's beats for the next queued frame ``x`` (fed at ``now``), or None when the
+        detector failed on it: then the frame is masked and the detector starts afresh on a
+        masked stretch of its length, as if the frame had been dropped."""
+        if peaks is None:
+            self.reset_detector()
+            n = x.size
+            self._bad.append((self._done, self._done + n))
+            self.splicer.mask(self._done, self._done + n)
+            x = np.full(n, x[-1])  # what the detector sees inside a gap: the last good sample
+            try:
+                peaks = self.detector.feed(x)
+            except Exception:  # noqa: BLE001 - failed again: it starts after this stretch instead
+                self.reset_detector()
+                self._detector_offset += n
+                peaks = []
         self._window.append(x)
-        (self._buf,) = self._window.rows()
-        self.head += x.size
-        self._arrivals.append((self.head, now))
+        self._done += x.size
+        self._arrivals.append((self._done, now))
         for peak in peaks:
             self._add_peak(peak.sample + self._detector_offset)
-        self._encode_ready()
+        if self._pending:
+            self._encode_ready()
         if self._window.trim():
             self._buf_start = self._window.start
-            (self._buf,) = self._window.rows()
-        while len(self._arrivals) > 1 and self._arrivals[1][0] <= self._buf_start:
-            self._arrivals.popleft()
-        self._bad = [(a, b) for a, b in self._bad if b > self._buf_start]
+            while len(self._arrivals) > 1 and self._arrivals[1][0] <= self._buf_start:
+                self._arrivals.popleft()
+            if self._bad:
+                self._bad = [(a, b) for a, b in self._bad if b > self._buf_start]
+
+    def _detect_queued(self) -> None:
+        """Run the detector over queued frames one at a time (the pipeline batches them instead)."""
+        while self.queue:
+            x, now = self.queue.popleft()
+            try:
+                peaks = self.detector.feed(x)
+            except Exception as exc:  # noqa: BLE001 - mask the frame, start the detector afresh
+                log.error("detector failed on a frame of %s (%s); frame masked, detector restarted", self.pseudonym, exc)
+                peaks = None
+            self.detected(x, now, peaks)
 
     def flush_detector(self) -> None:
         """End of input: let the detector decide what its look-ahead was waiting for."""
+        self._detect_queued()
         for peak in self.detector.flush():
             self._add_peak(peak.sample + self._detector_offset)
 
@@ -153,8 +191,7 @@ class BeatStream:
         pre = DEFAULT_RR_S if self._last_r is None else (r - self._last_r) / self.fs
         self._last_r = r
         self._rr.append(pre)
-        recent = list(self._rr)
-        rr = np.array([pre, np.mean(recent[-LOCAL_BEATS:]), np.mean(recent)], dtype=np.float32)
+        rr = (pre, float(self._rr.mean(LOCAL_BEATS)), float(self._rr.mean(LONG_BEATS)))
         self._pending.append((r, rr, self._arrival(r)))
 
     def _arrival(self, sample: int) -> float:
@@ -167,24 +204,26 @@ class BeatStream:
         """Encode pending beats whose post-R input has arrived, while it is still buffered (a burst
         of frames between two model batches must not push a beat's window out of the buffer)."""
         out = []
-        while self._pending and (final or self._pending[0][0] + self.enc_after < self.head):
+        while self._pending and (final or self._pending[0][0] + self.enc_after < self._done):
             out.append(self._pending.popleft())
         if not out:
             return
         r = np.array([b[0] for b in out], dtype=np.int64)
         inside = r - self.enc_before >= self._buf_start  # decided after its input was dropped
         inside |= self._buf_start == 0  # the session's first beats: the codec pads the start
-        windows = codec.cut_windows(self._buf, np.clip(r - self._buf_start, 0, len(self._buf) - 1), self.fs, self.spec)
+        (buf,) = self._window.rows()
+        windows = codec.cut_windows(buf, np.clip(r - self._buf_start, 0, len(buf) - 1), self.fs, self.spec)
         ok = inside.copy()
         for a, b in self._bad:
             ok &= ~((r + self.enc_after >= a) & (r - self.enc_before < b))
         self._ready.append(ReadyBeats(
-            r=r, windows=windows, rr=np.stack([b[1] for b in out]), ok=ok,
+            r=r, windows=windows, rr=np.array([b[1] for b in out], dtype=np.float32), ok=ok,
             arrived=np.array([b[2] for b in out]),
         ))
 
     def ready(self, final: bool = False) -> ReadyBeats | None:
         """Encoded beats waiting for the models (at the end of input, all of them)."""
+        self._detect_queued()
         if final:
             self._encode_ready(final=True)
         if not self._ready:
@@ -247,7 +286,34 @@ class BeatStream:
     def memory_bytes(self) -> int:
         """Bytes held in this stream's arrays (buffers, splicer rows, detector ring)."""
         rows = sum(b.row.nbytes for b in self.splicer._beats if b.row is not None)
-        return self._window.nbytes + self.detector.memory_bytes + rows + 8 * (len(self._rr) + 3 * len(self._pending))
+        return self._window.nbytes + self.detector.memory_bytes + rows + self._rr.nbytes + 8 * 3 * len(self._pending)
+
+
+class _Recent:
+    """The last ``n`` values in arrival order, as one array: the RR means are ``np.mean`` over the
+    same values in the same order (same bits) without building a list and an array per beat."""
+
+    def __init__(self, n: int) -> None:
+        self._data = np.empty(2 * n)
+        self._n = n
+        self._lo = self._hi = 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._data.nbytes)
+
+    def append(self, value: float) -> None:
+        if self._hi == self._data.size:  # move the last n - 1 to the front
+            keep = self._n - 1
+            self._data[:keep] = self._data[self._hi - keep : self._hi].copy()
+            self._lo, self._hi = 0, keep
+        self._data[self._hi] = value
+        self._hi += 1
+        self._lo = max(self._lo, self._hi - self._n)
+
+    def mean(self, last: int) -> float:
+        """Mean of the last ``last`` values (``np.mean`` of them)."""
+        return np.mean(self._data[max(self._lo, self._hi - last) : self._hi])
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:

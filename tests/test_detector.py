@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.signal import resample_poly
 
-from edge.detector import DetectorInputError, StreamingQRSDetector, detect
+from edge.detector import DetectorBank, DetectorInputError, StreamingQRSDetector, detect
 from edge.records import read_record
 from edge.scoring import score_beats
 
@@ -103,9 +103,10 @@ def test_memory_is_bounded_on_a_long_stream() -> None:
     for _ in range(5):  # ten minutes of stream
         for i in range(0, rec.signal.size, 360):
             det.feed(rec.signal[i : i + 360])
-        sizes.append(det._x.size + det._f.size + det._d.size + len(det._pending) + len(det._candidates))
+        row = det.bank._rows[det.row]
+        sizes.append((det.window_samples, det.memory_bytes, len(row._pending), len(row._candidates)))
     assert sizes[-1] == sizes[0]
-    assert det._x.size < 10 * rec.fs
+    assert det.window_samples < 10 * rec.fs
 
 
 def test_flat_signal_gives_no_beats_and_recovers_when_ecg_starts() -> None:
@@ -162,13 +163,103 @@ def test_filters_match_scipy_to_the_bit() -> None:
     rec = _rec("100")
     sos = signal.butter(2, [5.0, 15.0], btype="bandpass", fs=rec.fs, output="sos")
     taps = np.full(43, 1 / 43)
-    zi_sos, zi_fir, zi_want = np.zeros((1, sos.shape[0], 2)), np.zeros(taps.size - 1), np.zeros(taps.size - 1)
+    zi_sos, zi_fir, zi_want = np.zeros((3, sos.shape[0], 2)), np.zeros(taps.size - 1), np.zeros(taps.size - 1)
     band, feature, want_feature = [], [], []
     for lo, hi in pairwise([0, 1, 5, 40, 41, 400, 437, 3600]):  # frames shorter and longer than the taps
-        band.append(_bandpass(sos, rec.signal[lo:hi], zi_sos))
+        # Row 1 of a 3-row state: the bank filters several streams' frames as one matrix.
+        x = np.stack([np.zeros(hi - lo), rec.signal[lo:hi], -rec.signal[lo:hi]])
+        rows = _bandpass(sos, x[[1, 2]], zi_sos, np.array([1, 2]))
+        band.append(rows[0])
+        assert np.array_equal(rows[1], -rows[0])
         y, zi_fir = _fir(taps, band[-1], zi_fir)
         feature.append(y)
         y, zi_want = signal.lfilter(taps, 1.0, band[-1], zi=zi_want)
         want_feature.append(y)
     assert np.array_equal(np.concatenate(band), signal.sosfilt(sos, rec.signal[:3600]))
     assert np.array_equal(np.concatenate(feature), np.concatenate(want_feature)) and np.array_equal(zi_fir, zi_want)
+
+
+# -- the bank: many streams' detectors as arrays --------------------------------------------------
+def _bank_run(signals: list[np.ndarray], fs: float, lengths, joins: list[int], restarts: dict[int, int]):
+    """Feed every signal through one DetectorBank, a frame per stream per tick, grouped by frame
+    length as the pipeline does. Stream k joins at tick ``joins[k]``; ``restarts[k] = t`` releases
+    its row at tick t and starts it afresh on a new row (as after a detector fault)."""
+    bank = DetectorBank(fs)
+    dets: dict[int, StreamingQRSDetector] = {}
+    pos = [0] * len(signals)
+    got: dict[int, list] = {k: [] for k in range(len(signals))}
+    tick = 0
+    while any(p < s.size for p, s in zip(pos, signals)):
+        groups: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for k, s in enumerate(signals):
+            if tick < joins[k] or pos[k] >= s.size:
+                continue
+            if k not in dets:
+                dets[k] = StreamingQRSDetector(fs, bank=bank)
+            if restarts.get(k) == tick:
+                got[k].extend(dets[k].flush())
+                dets[k].close()
+                dets[k] = StreamingQRSDetector(fs, bank=bank)
+                got[k] = [("restart", pos[k])]
+            x = s[pos[k] : pos[k] + lengths(k, tick)]
+            pos[k] += x.size
+            groups.setdefault(x.size, []).append((k, x))
+        for members in groups.values():
+            for (k, _), beats in zip(members, bank.feed([dets[k].row for k, _ in members], [x for _, x in members])):
+                got[k].extend(beats)
+        tick += 1
+    for k, det in dets.items():
+        got[k].extend(det.flush())
+    return got, bank
+
+
+def test_bank_gives_each_stream_its_own_detectors_beats() -> None:
+    """Five MIT-BIH slices in one bank, joining at different ticks, with frames of mixed and
+    changing lengths (so rows move between groups), one row restarted: every row's beats are
+    exactly those of a detector of its own on the same samples."""
+    recs = [_rec(n) for n in RECORDS]
+    signals = [r.signal[: 60 * 360] for r in recs]
+    sizes = [36, 36, 90, 1, 37, 250, 36, 5000]
+
+    def lengths(k: int, tick: int) -> int:
+        return 36 if k == 0 else sizes[(tick * (k + 1) + k) % len(sizes)]
+
+    got, bank = _bank_run(signals, 360.0, lengths, joins=[0, 0, 3, 40, 41], restarts={2: 200})
+    for k, s in enumerate(signals):
+        if got[k] and got[k][0][0] == "restart":
+            start = got[k][0][1]
+            assert [(p.sample + start, p.decided_at + start) for p in got[k][1:]] == \
+                [(p.sample + start, p.decided_at + start) for p in detect(s[start:], 360.0)]
+            assert len(got[k]) > 30
+        else:
+            assert got[k] == detect(s, 360.0), RECORDS[k]
+    assert len(bank) == 5
+
+
+def test_bank_reuses_the_rows_of_ended_streams() -> None:
+    rec = _rec("100")
+    bank = DetectorBank(rec.fs)
+    first = StreamingQRSDetector(rec.fs, bank=bank)
+    first.feed(rec.signal[:3600])
+    first.close()
+    second = StreamingQRSDetector(rec.fs, bank=bank)
+    assert second.row == first.row and len(bank) == 1
+    x = rec.signal[3600 : 3600 + 20 * 360]
+    got = second.feed(x) + second.flush()
+    assert got == detect(x, rec.fs)  # nothing of the first stream is left in the row
+
+
+def test_bank_refuses_a_bad_group_without_changing_any_row() -> None:
+    rec = _rec("100")
+    bank = DetectorBank(rec.fs)
+    a, b = StreamingQRSDetector(rec.fs, bank=bank), StreamingQRSDetector(rec.fs, bank=bank)
+    x = rec.signal[: 10 * 360]
+    bad = x[:36].copy()
+    bad[3] = np.inf
+    with pytest.raises(DetectorInputError, match="non-finite"):
+        bank.feed([a.row, b.row], [x[:36], bad])
+    with pytest.raises(DetectorInputError, match="one length"):
+        bank.feed([a.row, b.row], [x[:36], x[:35]])
+    got = [bank.feed([a.row, b.row], [x[i : i + 36], x[i : i + 36]]) for i in range(0, x.size, 36)]
+    assert [g[0] for g in got] == [g[1] for g in got]
+    assert [p for g in got for p in g[0]] + a.flush() == detect(x, rec.fs)

@@ -329,18 +329,22 @@ def test_splicer_masks_unrenderable_beats_and_lost_rhythm_and_drops_late_beats()
     assert splicer.dropped == 1
 
 
-def test_a_detector_that_fails_masks_its_frame_and_restarts(sessions) -> None:  # noqa: ANN001
+def test_a_detector_that_fails_masks_its_frame_and_restarts(sessions, monkeypatch) -> None:  # noqa: ANN001
     gen, cls = sessions
     x, fs = _slice("100")
     anonymizer = Anonymizer(gen, cls, PipelineSettings(seed=1))
     failed_at = 40 * 90  # the 41st quarter-second frame
     out = []
     for frame in frames("strap", x, fs, 0.25):
-        if frame.seq == failed_at:
-            def broken(_samples):  # noqa: ANN001, ANN202
+        if frame.seq == failed_at:  # the bank fails once, on this frame
+            bank = anonymizer.streams["strap"].detector.bank
+            working = bank.feed
+
+            def broken(rows, frames, bank=bank, working=working):
+                monkeypatch.setattr(bank, "feed", working)
                 raise FloatingPointError("simulated detector fault")
 
-            anonymizer.streams["strap"].detector.feed = broken
+            monkeypatch.setattr(bank, "feed", broken)
         anonymizer.feed(frame)
         out.append(anonymizer.step())
     out.append(anonymizer.end("strap"))
