@@ -43,14 +43,29 @@ def _contract_lines(contract: ModelContract, onnx_path: Path, parity: float) -> 
     return lines
 
 
-def classifier_section(evaluation: dict[str, Any]) -> str:
+def classifier_section(evaluation: dict[str, Any], selection: list[dict[str, Any]] = ()) -> str:
+    """The DS2 table and confusion matrix; ``selection``: the run's restart and out-of-fold log rows."""
     from trainer.classifier import classification_table
+
+    chosen = [r for r in selection if r.get("phase") == "out-of-fold"]
+    restarts = [r for r in selection if r.get("phase") == "restart"]
+    picked = ""
+    if chosen:
+        c = chosen[-1]
+        scores = ", ".join(f"{r['val_macro_f1']:.3f}" for r in restarts)
+        picked = (
+            "### Selection (DS1 only)\n\n"
+            + (f"{len(restarts)} ensembles trained (restarts); out-of-fold DS1 macro F1 (N, S, V, F) of each: "
+               f"{scores}; kept restart {int(c.get('restart', 0))}. " if restarts else "")
+            + f"Its out-of-fold DS1 figures: macro F1 {c['val_macro_f1']:.3f}, S F1 {c.get('val_f1_S', 0):.3f}, "
+            f"V F1 {c.get('val_f1_V', 0):.3f}; logit bias {c.get('logit_bias')}. DS2 below chose nothing.\n\n"
+        )
 
     cm = np.asarray(evaluation["confusion"])
     classes = evaluation["classes"]
     conf = ["| reference \\ predicted | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
     conf += [f"| {c} | " + " | ".join(str(v) for v in row) + " |" for c, row in zip(classes, cm)]
-    return (
+    return picked + (
         "### Beat classification, inter-patient (measured on records the model never saw: "
         f"{', '.join(evaluation.get('records', [])) or 'DS2'})\n\n"
         f"{classification_table(evaluation)}\n\n"

@@ -113,8 +113,9 @@ def _judge(judge_run: str | Path | None, ds1: BeatSet, config: Any, seed: int) -
     else:
         with tempfile.TemporaryDirectory() as tmp:
             run = Run.start(tmp, "judge", {"purpose": "evaluation judge"}, device="cpu", progress_bar=False)
-            # Seeds no restart of the shipped recipe uses (its members take seed + restart + fold).
-            model = fit_classifier(ds1, run, config or ClassifierConfig(seed=seed + JUDGE_SEED_OFFSET))
+            # One ensemble of the shipped recipe, on seeds none of its restarts uses (seed + restart + fold):
+            # an independent reader, not a second selected model.
+            model = fit_classifier(ds1, run, config or ClassifierConfig(seed=seed + JUDGE_SEED_OFFSET, restarts=1))
             run.close()
 
     def judge(beats: np.ndarray, rr: np.ndarray) -> np.ndarray:

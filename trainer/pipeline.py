@@ -212,7 +212,9 @@ def export(
         (output.with_suffix(".fidelity.json")).write_text(json.dumps(report, indent=2, default=_jsonable))
         title = "beat generator"
     else:
-        body = card.classifier_section(json.loads((Path(run_dir) / EVALUATION_FILE).read_text()))
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        body = card.classifier_section(json.loads((Path(run_dir) / EVALUATION_FILE).read_text()),
+                                       [r for r in rows if r.get("phase") in ("restart", "out-of-fold")])
         title = "beat classifier"
     card.write_card(output.with_suffix(".md"), title, contract, output, result.max_abs_error, body,
                     command or f"ecg-trainer export {run_dir} --output {output}")
