@@ -366,7 +366,13 @@ def cut_windows(signal: np.ndarray, r_peaks: np.ndarray, fs: float, spec: CodecS
 
 
 def _cut(x: np.ndarray, r: np.ndarray, kernel: _Kernel) -> np.ndarray:
-    return x[np.clip(r[:, None] + np.arange(-kernel.before, kernel.after + 1), 0, len(x) - 1)]
+    return x[clip_index(r[:, None] + np.arange(-kernel.before, kernel.after + 1), len(x) - 1)]
+
+
+def clip_index(i: np.ndarray, last: int) -> np.ndarray:
+    """``np.clip(i, 0, last)`` for integer indices: the same values, without np.clip's dispatch
+    cost, which is most of a call on the few indices a stream cuts per beat."""
+    return np.minimum(np.maximum(i, 0), last)
 
 
 def encode_windows(windows: np.ndarray, fs: float, spec: CodecSpec = DEFAULT_SPEC) -> np.ndarray:

@@ -258,8 +258,9 @@ class DetectorBank:
         self._store(idx, n, x, deriv, feature)
         n_seen = self._n_seen[idx]
         beats: list[list[RPeak]] = [[] for _ in rows]
-        for j in np.flatnonzero(self._to_decide(idx, n, n_seen)).tolist():
-            beats[j] = self._decide(rows[j], final=False)
+        decide, screened = self._to_decide(idx, n, n_seen)
+        for j in np.flatnonzero(decide).tolist():
+            beats[j] = self._decide(rows[j], final=False, peaks=screened.get(j))
         self._start[idx] = np.maximum(self._start[idx], n_seen - self.spans.keep)  # hide all but `keep`
         return beats
 
@@ -291,10 +292,12 @@ class DetectorBank:
         self._end[idx] = end + n
         self._n_seen[idx] += n
 
-    def _to_decide(self, idx: np.ndarray, n: int, n_seen: np.ndarray) -> np.ndarray:
+    def _to_decide(self, idx: np.ndarray, n: int, n_seen: np.ndarray) -> tuple[np.ndarray, dict[int, list[int]]]:
         """Which rows have something to decide after a frame of ``n`` samples: the vectorised form of
         the checks at the top of ``_Row.process``. A row whose samples up to the look-ahead hold no
-        integrator peak and no overdue-beat deadline, and that has finished learning, has nothing."""
+        integrator peak and no overdue-beat deadline, and that has finished learning, has nothing.
+        Also returns, for rows the screen sent to decide, the integrator peaks it found (the same
+        samples ``_Row._find_peaks`` would, in order), so that the row does not search again."""
         sp = self.spans
         learned = self._learned[idx]
         check = self._next_check[idx]
@@ -305,6 +308,7 @@ class DetectorBank:
         regular &= self._deadline[idx] > horizon
         decide = (~learned & (n_seen >= sp.learn)) | (learned & ~regular)
         at = np.flatnonzero(regular)
+        screened: dict[int, list[int]] = {}
         if at.size:
             # A peak is above the previous sample and not below the next (tested first, on all
             # rows at once), larger than the last look_back and not smaller than the next look.
@@ -320,20 +324,24 @@ class DetectorBank:
                 peak = self._data[rows[r], 2, col]
                 before = self._data[storage, 2, col[:, None] + np.arange(-sp.look_back, 0)].max(axis=1)
                 after = self._data[storage, 2, col[:, None] + np.arange(1, sp.look + 1)].max(axis=1)
-                found = r[(peak > before) & (peak >= after)]
+                is_peak = (peak > before) & (peak >= after)
+                found = r[is_peak]
                 decide[at[found]] = True
                 regular[at[found]] = False
+                for j, sample in zip(at[found].tolist(), (check[at][found] + c[is_peak]).tolist()):
+                    screened.setdefault(j, []).append(sample)
             self._next_check[idx[regular]] = horizon[regular]
-        return decide
+        return decide, screened
 
-    def _decide(self, i: int, final: bool) -> list[RPeak]:
-        """Run row ``i``'s decision code on views of its window."""
+    def _decide(self, i: int, final: bool, peaks: list[int] | None = None) -> list[RPeak]:
+        """Run row ``i``'s decision code on views of its window (``peaks``: what the screen found
+        in the samples the row would search next)."""
         row = self._rows[i]
         row.n_seen = int(self._n_seen[i])
         row.buf_start = int(self._start[i])
         row.x, row.d, row.f = self.window(i)
         row.next_check = int(self._next_check[i])
-        beats = row.process(final)
+        beats = row.process(final, peaks)
         self._next_check[i] = row.next_check
         self._learned[i] = row.learned
         self._deadline[i] = row.deadline()
@@ -367,14 +375,19 @@ class _Row:
         """Sample at which a beat is overdue (searchback)."""
         return self._sb_anchor + round(self.config.searchback_rr * (self._mean_rr() or self.fs))
 
-    def _find_peaks(self, final: bool) -> None:
+    def _find_peaks(self, final: bool, screened: list[int] | None = None) -> None:
         """Queue integrator peaks: larger than the last ``lookback_s`` and not smaller than the next
         ``lookahead_s``. The long look back (free: it adds no delay) merges the two energy humps of
-        a wide ventricular beat; the short look ahead bounds the delay."""
+        a wide ventricular beat; the short look ahead bounds the delay. ``screened``: the bank's
+        screen already found the peaks up to the look-ahead."""
         back, ahead = self.s.look_back, self.s.look
         end = self.n_seen if final else self.n_seen - ahead
         start = max(self.next_check, self.buf_start + back)
         if end <= start:
+            return
+        if screened is not None:
+            self._candidates.extend(self._candidate(peak) for peak in screened)
+            self.next_check = end
             return
         b = self.buf_start
         seg = self.f[start - back - b : min(end + ahead, self.n_seen) - b]
@@ -402,15 +415,16 @@ class _Row:
         r = lo + int(np.argmax(dev))
         return _Candidate(peak, float(self.f[peak - b]), slope, r, float(dev.max()))
 
-    def process(self, final: bool) -> list[RPeak]:
-        """Classify queued peaks and overdue-beat deadlines strictly in sample order."""
+    def process(self, final: bool, screened: list[int] | None = None) -> list[RPeak]:
+        """Classify queued peaks and overdue-beat deadlines strictly in sample order (``screened``:
+        see ``_find_peaks``)."""
         out: list[RPeak] = []
         if not self.learned:
             if self.n_seen < self.s.learn and not final:
                 return out
             self._learn_thresholds(min(self.s.learn, self.n_seen))
             self.learned = True
-        self._find_peaks(final)
+        self._find_peaks(final, screened)
         horizon = self.n_seen if final else self.n_seen - self.s.look
         while True:
             deadline = self.deadline()

@@ -90,6 +90,9 @@ class Anonymizer:
         self._dirty: set[str] = set()  # devices fed since the last step
         self._banks: dict[float, DetectorBank] = {}  # the detectors of every stream of one rate
         self._queued: dict[str, BeatStream] = {}  # streams with frames the detector has not seen
+        # Frames and samples accepted since the last step: the counters take them once per step
+        # (a Prometheus increment per frame costs more than the frame's checks).
+        self._fed = [0, 0]
 
     # ------------------------------------------------------------------------------------------
     def swap_models(self, generator: GeneratorSession | None = None, classifier: ClassifierSession | None = None) -> None:
@@ -137,7 +140,7 @@ class Anonymizer:
         if x.ndim != 1 or x.size == 0:
             self.bad_input(BadInput("shape", f"a frame must be a non-empty 1-D array, got shape {x.shape}", frame.device))
             return out
-        if not (codec.MIN_FS <= frame.fs <= codec.MAX_FS) or not np.isfinite(frame.fs):
+        if not (codec.MIN_FS <= frame.fs <= codec.MAX_FS):  # NaN fails the comparison too
             self.bad_input(BadInput(
                 "rate", f"sample rate {frame.fs} Hz is outside {codec.MIN_FS:g}-{codec.MAX_FS:g} Hz; frame dropped",
                 frame.device))
@@ -173,8 +176,8 @@ class Anonymizer:
             self._dirty.add(frame.device)
             return out
         self._dirty.add(frame.device)
-        self.metrics.frames.inc()
-        self.metrics.samples.inc(x.size)
+        self._fed[0] += 1
+        self._fed[1] += x.size
         n_bad = stream.feed(x, now)
         if n_bad:
             self.bad_input(BadInput("nan", f"{n_bad} of {x.size} samples are not finite; masked", frame.device))
@@ -271,6 +274,8 @@ class Anonymizer:
             self._render(ready)
         out = StepOutput()
         classes = self.spec_classes()
+        labels = [0] * len(classes)  # beats emitted per class; counters and totals go in once per step
+        n_out = n_masked = 0
         for device, stream in touched:
             is_final = device in final
             if not is_final and not stream.due(round(self.settings.emit_s * stream.fs)):
@@ -283,13 +288,27 @@ class Anonymizer:
                                         self._time(stream, emitted.start)))
             for (r, label, model), latency in zip(emitted.beats, emitted.latency):
                 out.beats.append(AnonBeat(stream.pseudonym, r, classes[label], stream.fs, self._time(stream, r), model))
-                self.metrics.beats.labels(classes[label]).inc()
+                labels[label] += 1
                 self.metrics.observe_latency(latency)
-            self.metrics.output_samples.inc(len(emitted.samples))
-            masked = int(np.isnan(emitted.samples).sum())
-            if masked:
-                self.metrics.masked_samples.inc(masked)
+            n_out += len(emitted.samples)
+            n_masked += int(np.count_nonzero(np.isnan(emitted.samples)))
+        self._count(labels, classes, n_out, n_masked)
         return out
+
+    def _count(self, labels: list[int], classes: tuple[str, ...], n_out: int, n_masked: int) -> None:
+        """One step's totals into the counters (inputs accepted since the last step, outputs now)."""
+        m = self.metrics
+        if self._fed[0]:
+            m.frames.inc(self._fed[0])
+            m.samples.inc(self._fed[1])
+            self._fed = [0, 0]
+        for name, k in zip(classes, labels):
+            if k:
+                m.beats.labels(name).inc(k)
+        if n_out:
+            m.output_samples.inc(n_out)
+        if n_masked:
+            m.masked_samples.inc(n_masked)
 
     def spec_classes(self) -> tuple[str, ...]:
         model = self.generator or self.classifier

@@ -22,6 +22,7 @@ Hand-written: this is the product's own placement rule; no library splices beats
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,12 +188,13 @@ def _weight(a: int, b: int, up_lo: int, up_hi: int, down_lo: int, down_hi: int) 
         w[: min(up_lo, b) - a] = 0.0
     lo, hi = max(up_lo, a), min(up_hi, b)
     if hi > lo:
-        w[lo - a : hi - a] = _ramp(np.arange(lo, hi), up_lo, up_hi)
+        w[lo - a : hi - a] = _full_ramp(up_hi - up_lo)[lo - up_lo : hi - up_lo]
     if down_hi < b:
         w[max(down_hi, a) - a :] = 0.0
     lo, hi = max(down_lo, a), min(down_hi, b)
     if hi > lo:
-        np.minimum(w[lo - a : hi - a], 1.0 - _ramp(np.arange(lo, hi), down_lo, down_hi), out=w[lo - a : hi - a])
+        down = 1.0 - _full_ramp(down_hi - down_lo)[lo - down_lo : hi - down_lo]
+        np.minimum(w[lo - a : hi - a], down, out=w[lo - a : hi - a])
     return w
 
 
@@ -203,3 +205,13 @@ def _ramp(t: np.ndarray, lo: int, hi: int) -> np.ndarray:
     x = (t - lo + 0.5) / (hi - lo)
     np.minimum(np.maximum(x, 0.0, out=x), 1.0, out=x)  # np.clip's result without its dispatch cost
     return 0.5 - 0.5 * np.cos(np.pi * x)
+
+
+@functools.lru_cache(maxsize=256)
+def _full_ramp(width: int) -> np.ndarray:
+    """``_ramp`` over its whole ramp ``[lo, lo + width)``: the same values for any ``lo`` (they depend
+    on ``t - lo`` only), so a stream's ramps are slices of a few cached arrays instead of a cosine
+    per beat. Read-only: callers copy what they take."""
+    r = _ramp(np.arange(width), 0, width)
+    r.flags.writeable = False
+    return r

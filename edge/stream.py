@@ -212,7 +212,7 @@ class BeatStream:
         inside = r - self.enc_before >= self._buf_start  # decided after its input was dropped
         inside |= self._buf_start == 0  # the session's first beats: the codec pads the start
         (buf,) = self._window.rows()
-        windows = codec.cut_windows(buf, np.clip(r - self._buf_start, 0, len(buf) - 1), self.fs, self.spec)
+        windows = codec.cut_windows(buf, codec.clip_index(r - self._buf_start, len(buf) - 1), self.fs, self.spec)
         ok = inside.copy()
         for a, b in self._bad:
             ok &= ~((r + self.enc_after >= a) & (r - self.enc_before < b))

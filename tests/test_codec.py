@@ -24,6 +24,7 @@ from edge.codec import (
     CodecSpec,
     CodecSpecError,
     DecodedBeats,
+    cut_windows,
     EncodedBeats,
     decode,
     decode_span,
@@ -346,6 +347,7 @@ def test_encode_windows_equals_encode_to_the_bit() -> None:
     r = np.array([2, 150, 700, 1500, 3990])  # the first and last windows run off the signal: edge-padded
     before, after = encode_span(fs)
     windows = x[np.clip(r[:, None] + np.arange(-before, after + 1), 0, len(x) - 1)]
+    assert np.array_equal(cut_windows(x, r, fs), windows)
     assert np.array_equal(encode_windows(windows, fs), encode(x, r, fs).beats)
     for one in range(len(r)):  # one at a time takes the codec's small-batch path: same bits
         assert np.array_equal(encode_windows(windows[one : one + 1], fs)[0], encode(x, r, fs).beats[one])

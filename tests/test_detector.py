@@ -236,6 +236,26 @@ def test_bank_gives_each_stream_its_own_detectors_beats() -> None:
     assert len(bank) == 5
 
 
+def test_screened_peaks_are_the_peaks_a_rows_own_search_finds(monkeypatch) -> None:
+    """Rows the bank's screen sends to decide take its peaks instead of searching again: the
+    beats are the same as with every row searching its own window."""
+    signals = [_rec(n).signal[: 60 * 360] for n in RECORDS]
+    handed = []
+    decide = DetectorBank._decide
+
+    def spy(self, i, final, peaks=None):  # noqa: ANN001
+        handed.append(peaks is not None)
+        return decide(self, i, final, peaks)
+
+    monkeypatch.setattr(DetectorBank, "_decide", spy)
+    screened, _ = _bank_run(signals, 360.0, lambda k, t: 36, joins=[0] * 5, restarts={})
+    assert sum(handed) > 300  # most decisions came with screened peaks
+
+    monkeypatch.setattr(DetectorBank, "_decide", lambda self, i, final, peaks=None: decide(self, i, final))
+    searched, _ = _bank_run(signals, 360.0, lambda k, t: 36, joins=[0] * 5, restarts={})
+    assert screened == searched
+
+
 def test_bank_reuses_the_rows_of_ended_streams() -> None:
     rec = _rec("100")
     bank = DetectorBank(rec.fs)

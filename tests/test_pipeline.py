@@ -329,6 +329,55 @@ def test_splicer_masks_unrenderable_beats_and_lost_rhythm_and_drops_late_beats()
     assert splicer.dropped == 1
 
 
+def test_splicer_weights_are_the_raised_cosine_ramps_to_the_bit() -> None:
+    """Ramps are slices of cached whole ramps: the same bits as computing each one."""
+    from edge.splicer import _ramp, _weight
+
+    for a, b, up, down in [(0, 200, (10, 24), (170, 184)), (15, 90, (10, 24), (80, 100)),
+                           (0, 50, (-5, 9), (40, 41)), (30, 60, (0, 0), (70, 84))]:
+        w = _weight(a, b, *up, *down)
+        t = np.arange(a, b)
+        ref = np.minimum(_ramp(t, *up) if up[1] > up[0] else (t >= up[0]).astype(float),
+                         1.0 - (_ramp(t, *down) if down[1] > down[0] else (t >= down[0]).astype(float)))
+        assert w.tobytes() == ref.tobytes()
+
+
+def test_a_stream_counts_non_finite_samples_only() -> None:
+    from edge.persona import Persona
+    from edge.stream import BeatStream
+
+    rng = np.random.default_rng(0)
+    stream = BeatStream(360.0, "p", Persona.draw(rng, 32), rng)
+    assert stream.feed(np.full(36, 1e300), 0.0) == 0
+    assert stream.feed(np.r_[np.ones(30), np.nan, np.inf, -np.inf, np.ones(3)], 0.1) == 3
+    assert stream.feed(np.ones(36), 0.2) == 0
+
+
+def test_counters_take_each_steps_totals(sessions) -> None:
+    """Inputs are counted once per step, outputs once per step: the totals are per frame and per beat."""
+    gen, cls = sessions
+    x, fs = _slice("208")
+    anonymizer = Anonymizer(gen, cls, PipelineSettings(seed=2))
+    n_frames = n_samples = 0
+    out = []
+    for k in range(3):
+        y = x[k * 2000 : k * 2000 + 30 * int(fs)].copy()
+        y[500:520] = np.nan
+        for frame in frames(f"d{k}", y, fs, 0.1):
+            anonymizer.feed(frame)
+            n_frames, n_samples = n_frames + 1, n_samples + frame.samples.size
+            out.append(anonymizer.step())
+    out.append(anonymizer.close())
+    m = anonymizer.metrics
+    samples = np.concatenate([f.samples for o in out for f in o.frames])
+    beats = [b for o in out for b in o.beats]
+    assert m.frames._value.get() == n_frames and m.samples._value.get() == n_samples
+    assert m.output_samples._value.get() == samples.size == n_samples
+    assert m.masked_samples._value.get() == np.isnan(samples).sum() >= 60
+    assert sum(m.beats.labels(c)._value.get() for c in "NSVFQ") == len(beats) > 100
+    assert len(m.recent_latency) == len(beats)
+
+
 def test_a_detector_that_fails_masks_its_frame_and_restarts(sessions, monkeypatch) -> None:  # noqa: ANN001
     gen, cls = sessions
     x, fs = _slice("100")
