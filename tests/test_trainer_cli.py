@@ -51,6 +51,20 @@ def test_dry_run_prints_options_and_writes_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()
 
 
+def test_thread_count_is_the_tasks_or_the_flag_and_is_restored(tmp_path: Path) -> None:
+    import torch
+
+    from trainer import pipeline
+
+    before = torch.get_num_threads()
+    common = {"data_dir": None, "runs_dir": str(tmp_path / "runs"), "cache_dir": None, "dry_run": True}
+    # The classifier always trains on one thread (its result then repeats on any machine).
+    assert pipeline.fit("classifier", [], **common)["threads"] == 1
+    assert pipeline.fit("generator", [], **common)["threads"] == before
+    assert pipeline.fit("generator", [], threads=1, **common)["threads"] == 1
+    assert torch.get_num_threads() == before and not (tmp_path / "runs").exists()
+
+
 def test_bad_override_is_a_clear_error(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "trainer.cli", "fit", "classifier", "--dry-run", "--set", "epoch=3"],
                          capture_output=True, text=True, cwd=tmp_path)

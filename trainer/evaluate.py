@@ -103,6 +103,8 @@ def _judge(judge_run: str | Path | None, ds1: BeatSet, config: Any, seed: int) -
     (``config``, default: the shipped classifier's recipe with another seed)."""
     import tempfile
 
+    import torch
+
     from trainer.classifier import ClassifierConfig, fit_classifier, predict_proba
     from trainer.runs import Run
 
@@ -113,9 +115,14 @@ def _judge(judge_run: str | Path | None, ds1: BeatSet, config: Any, seed: int) -
     else:
         with tempfile.TemporaryDirectory() as tmp:
             run = Run.start(tmp, "judge", {"purpose": "evaluation judge"}, device="cpu", progress_bar=False)
-            # One ensemble of the shipped recipe, on seeds none of its restarts uses (seed + restart + fold):
-            # an independent reader, not a second selected model.
-            model = fit_classifier(ds1, run, config or ClassifierConfig(seed=seed + JUDGE_SEED_OFFSET, restarts=1))
+            # The shipped recipe (restarts included), on seeds none of the shipped restarts uses:
+            # a reader as good as the shipped classifier, independent of it.
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)  # as the classifier task trains: the same judge on any machine
+            try:
+                model = fit_classifier(ds1, run, config or ClassifierConfig(seed=seed + JUDGE_SEED_OFFSET))
+            finally:
+                torch.set_num_threads(before)
             run.close()
 
     def judge(beats: np.ndarray, rr: np.ndarray) -> np.ndarray:

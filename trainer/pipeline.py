@@ -58,8 +58,8 @@ def fit(
 
     ``train_records``/``eval_records`` replace DS1/DS2 (small runs on a few records, tests).
 
-    ``threads`` sets torch's intra-op threads (default: torch's choice). On the CPU the result is
-    the same bit for bit for the same options and thread count, so the count is recorded.
+    ``threads`` sets torch's intra-op threads (default: the task's, else torch's choice). On the CPU
+    the result is the same bit for bit for the same options and thread count, so the count is recorded.
 
     With ``dry_run`` nothing is read or written: the resolved options come back instead.
     """
@@ -76,37 +76,43 @@ def fit(
             raise ValueError(f"{resume} is a {saved.get('task')!r} run, not {task_name!r}")
         overrides = [f"{k}={json.dumps(v) if isinstance(v, (list, tuple)) else v}" for k, v in saved["config"].items()]
         seed = saved.get("seed", seed)
+        threads = saved.get("threads", threads)
         train_records, eval_records = tuple(saved["train_records"]), tuple(saved["eval_records"])
     train_records = tuple(train_records or DS1)
     eval_records = tuple(eval_records or DS2)
     cfg = resolve_config(task, overrides, seed)
     seed = getattr(cfg, "seed", seed if seed is not None else 0)
+    threads = threads if threads is not None else task.threads
+    before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    options = fit_options(task, cfg, {"data_dir": data_dir, "device": device, "seed": seed,
-                                      "threads": torch.get_num_threads(),
-                                      "train_records": list(train_records), "eval_records": list(eval_records)})
-    if dry_run:
-        return options
-    run = Run.start(runs_dir, task_name, options, device=device, resume=resume, progress_bar=progress_bar)
-    seed_everything(seed + run.rank)
-    train = load_records(train_records, data_dir, cache_dir)
-    log.info("training set: %d beats %s", len(train), train.class_counts())
-    t0 = time.monotonic()
-    model = task.fit_function()(train, run, cfg)
-    seconds = time.monotonic() - t0
-    if run.is_main:
-        module = unwrap(model) if isinstance(model, torch.nn.Module) else model
-        if isinstance(module, torch.nn.Module):
-            module = module.cpu().eval()
-        torch.save({"task": task_name, "module": module, "config": dataclasses.asdict(cfg),
-                    "data_hash": train.data_hash, "records": list(train.records), "fit_seconds": seconds,
-                    "eval_records": list(eval_records), "data_dir": data_dir},
-                   run.dir / MODEL_FILE)
-        if task_name == "classifier":
-            evaluate_classifier_run(run.dir, data_dir, cache_dir)
-    run.barrier()
-    run.close()
+    try:
+        options = fit_options(task, cfg, {"data_dir": data_dir, "device": device, "seed": seed,
+                                          "threads": torch.get_num_threads(),
+                                          "train_records": list(train_records), "eval_records": list(eval_records)})
+        if dry_run:
+            return options
+        run = Run.start(runs_dir, task_name, options, device=device, resume=resume, progress_bar=progress_bar)
+        seed_everything(seed + run.rank)
+        train = load_records(train_records, data_dir, cache_dir)
+        log.info("training set: %d beats %s", len(train), train.class_counts())
+        t0 = time.monotonic()
+        model = task.fit_function()(train, run, cfg)
+        seconds = time.monotonic() - t0
+        if run.is_main:
+            module = unwrap(model) if isinstance(model, torch.nn.Module) else model
+            if isinstance(module, torch.nn.Module):
+                module = module.cpu().eval()
+            torch.save({"task": task_name, "module": module, "config": dataclasses.asdict(cfg),
+                        "data_hash": train.data_hash, "records": list(train.records), "fit_seconds": seconds,
+                        "eval_records": list(eval_records), "data_dir": data_dir},
+                       run.dir / MODEL_FILE)
+            if task_name == "classifier":
+                evaluate_classifier_run(run.dir, data_dir, cache_dir)
+        run.barrier()
+        run.close()
+    finally:
+        torch.set_num_threads(before)  # the next fit in this process (defaults) starts from the same state
     log.info("%s trained in %.0f s: %s", task_name, seconds, run.dir)
     return run.dir
 

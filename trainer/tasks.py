@@ -29,6 +29,9 @@ class Task:
     fit: str  # fit function name: fit(train: BeatSet, run: Run, cfg) -> nn.Module
     kind: str | None  # model kind in the edge's contract; None: not exported to the edge
     rr_features: tuple[str, ...] = ()
+    #: torch CPU threads when ``fit`` is given none; None: torch's choice (the machine's cores).
+    #: A fixed count makes a CPU run repeat bit for bit on any machine.
+    threads: int | None = None
 
     def load(self, name: str) -> Any:
         return getattr(importlib.import_module(self.module), name)
@@ -41,7 +44,10 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "classifier": Task("classifier", "trainer.classifier", "ClassifierConfig", "fit_classifier", CLASSIFIER, CLASSIFIER_RR),
+    # The classifier's small convolutions gain little from a second thread; one thread makes the
+    # shipped classifier reproducible wherever it is trained.
+    "classifier": Task("classifier", "trainer.classifier", "ClassifierConfig", "fit_classifier", CLASSIFIER, CLASSIFIER_RR,
+                       threads=1),
     "generator": Task("generator", "trainer.generator", "GeneratorConfig", "fit_generator", GENERATOR, GENERATOR_RR),
     "image-baseline": Task("image-baseline", "trainer.image_baseline", "ImageBaselineConfig", "fit_image_baseline", None),
 }
