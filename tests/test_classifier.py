@@ -126,14 +126,36 @@ def test_restarts_keep_the_ensemble_with_the_best_held_out_score(train_set: Beat
     kept = rows[-1]
     assert kept["phase"] == "out-of-fold" and scores[int(kept["restart"])] == max(scores)
     assert kept["val_macro_f1"] == max(scores) and len(model.members) == 1
-    # Three members were trained and checkpointed; the checkpoint loads the one that was kept.
-    assert len(torch.load(tmp_path / "checkpoint.pt", weights_only=False)["members_done"]) == 3
+    # Each restart trained in its own run directory (in worker processes where the CPUs allow);
+    # the run's checkpoint holds the ensemble that was kept, equal to its restart's own.
+    for r in range(3):
+        sub = torch.load(tmp_path / f"restart-{r}" / "checkpoint.pt", weights_only=False)
+        assert sub["config"]["seed"] == TINY.seed + r and sub["config"]["restarts"] == 1
     loaded = load_classifier(tmp_path / "checkpoint.pt")
+    alone = load_classifier(tmp_path / f"restart-{int(kept['restart'])}" / "checkpoint.pt")
     beats, rr = torch.from_numpy(train_set.beats[:50]), torch.from_numpy(train_set.rr[:50])
     with torch.no_grad():
         torch.testing.assert_close(loaded(beats, rr), model.eval()(beats, rr))
+        torch.testing.assert_close(alone(beats, rr), model(beats, rr))
     with pytest.raises(ValueError, match="at least 1"):
         ClassifierConfig(restarts=0)
+
+
+def test_a_restart_trains_the_same_in_a_worker_process_as_in_process(
+    train_set: BeatSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = ClassifierConfig(**{**TINY.to_dict(), "epochs": 2, "min_epochs": 2, "samples_per_epoch": 256, "restarts": 2})
+    results = {}
+    for cpus in (2, 1):  # two CPUs: the restarts run in worker processes; one: in this process
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        results[cpus] = fit_classifier(train_set, Run(dir=tmp_path / str(cpus), progress_bar=False), cfg)
+    for r in range(2):
+        a = torch.load(tmp_path / "2" / f"restart-{r}" / "checkpoint.pt", weights_only=False)["members_done"]
+        b = torch.load(tmp_path / "1" / f"restart-{r}" / "checkpoint.pt", weights_only=False)["members_done"]
+        for wa, wb in zip(a, b):
+            for name in wb:
+                assert torch.equal(wa[name], wb[name]), name
+    assert results[2].validation == results[1].validation  # type: ignore[attr-defined]
 
 
 def test_forward_shapes_and_raw_rr_seconds() -> None:

@@ -44,6 +44,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -353,16 +354,86 @@ def _model_config(cfg: ClassifierConfig, members: int) -> dict[str, Any]:
 
 
 def fit_classifier(train: BeatSet, run: Run, cfg: ClassifierConfig = ClassifierConfig()) -> BeatClassifier:
-    """Train on ``train`` (DS1): one member per fold of ``cfg.folds``, averaged in ``forward``.
+    """Train on ``train`` (DS1): ``cfg.restarts`` whole ensembles, keep the best out of fold.
 
-    Member k trains on every record outside fold k and keeps its best epoch on fold k (macro F1 over
-    ``cfg.val_classes``). ``cfg.restarts`` whole ensembles are trained (restart r seeds its members
-    ``seed + r + k``) and the one with the best out-of-fold macro F1 is returned. Every epoch is
-    logged (``run.log``, step = epochs so far over all members) and checkpointed
-    (``run.save_checkpoint``); a run directory that holds a checkpoint resumes from it: finished
-    members, and the current member's model, optimiser, schedule, epoch, best weights and RNG
-    states. The returned model carries ``validation``: the out-of-fold metrics on DS1, each beat
-    scored by the member that never saw its record.
+    Restart r is a complete ensemble (``_fit_ensemble``, member seeds ``seed + r + k``) trained in
+    its own run directory ``restart-r`` with its own metrics log and checkpoint, so each one resumes
+    on its own. On the CPU with one process (no ``torchrun``) the restarts train side by side in
+    worker processes, as many as the CPUs allow at the current torch thread count; a restart gives
+    the same weights in a worker as in this process. The one with the best out-of-fold DS1 macro F1
+    is returned, logged (``phase: restart`` rows, then ``out-of-fold``) and checkpointed here.
+    With ``restarts = 1`` the ensemble trains in ``run`` itself.
+    """
+    if cfg.restarts == 1:
+        return _fit_ensemble(train, run, cfg)
+    state = run.load_checkpoint()
+    if state is not None and state.get("config") != cfg.to_dict():
+        raise ValueError(f"{run.checkpoint_path} was written with another configuration; start a new run")
+    subs = [dataclasses.replace(cfg, seed=cfg.seed + r, restarts=1) for r in range(cfg.restarts)]
+    threads = torch.get_num_threads()
+    workers = min(cfg.restarts, max(1, len(os.sched_getaffinity(0)) // threads))
+    parallel = workers > 1 and run.world_size == 1 and run.device.type == "cpu"
+    sub_runs = [dataclasses.replace(run, dir=run.dir / f"restart-{r}", progress_bar=run.progress_bar and not parallel)
+                for r in range(cfg.restarts)]
+    if run.is_main:
+        for sub in sub_runs:
+            sub.dir.mkdir(parents=True, exist_ok=True)
+    run.barrier()
+    if parallel:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        log.info("training %d restarts in %d worker processes (%d torch thread(s) each)", cfg.restarts, workers, threads)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_fit_restart, [train] * cfg.restarts, sub_runs, subs, [threads] * cfg.restarts,
+                          [logging.getLogger().level] * cfg.restarts))
+        models = [load_classifier(sub.checkpoint_path) for sub in sub_runs]
+    else:
+        models = [_fit_ensemble(train, sub, c) for sub, c in zip(sub_runs, subs)]
+    scores = []
+    for r, model in enumerate(models):
+        scores.append(macro_f1(model.validation, cfg.val_classes))  # type: ignore[attr-defined]
+        run.log(0, phase="restart", restart=r, val_macro_f1=scores[-1])
+        log.info("restart %d: out-of-fold DS1 macro F1 %.4f", r, scores[-1])
+    chosen = int(np.argmax(scores))  # the first of equals
+    model = models[chosen]
+    validation = model.validation  # type: ignore[attr-defined]
+    _log_out_of_fold(run, 0, model, cfg, restart=chosen)
+    kept = torch.load(sub_runs[chosen].checkpoint_path, map_location="cpu", weights_only=False)
+    run.save_checkpoint({"config": cfg.to_dict(), "model_config": kept["model_config"], "restart": chosen,
+                         "members_done": kept["members_done"], "logit_bias": model.logit_bias.clone(),
+                         "validation": validation})
+    return model
+
+
+def _fit_restart(train: BeatSet, run: Run, cfg: ClassifierConfig, threads: int, log_level: int) -> None:
+    """One restart in a worker process (its result is the checkpoint in ``run.dir``)."""
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(name)s [{run.dir.name}] %(message)s", force=True)
+    torch.set_num_threads(threads)
+    _fit_ensemble(train, run, cfg)
+
+
+def _log_out_of_fold(run: Run, step: int, model: BeatClassifier, cfg: ClassifierConfig, **extra: Any) -> None:
+    validation = model.validation  # type: ignore[attr-defined]
+    pc = validation["per_class"]
+    run.log(step, phase="out-of-fold", **extra, val_macro_f1=macro_f1(validation, cfg.val_classes),
+            val_macro_f1_without_bias=macro_f1(validation["without_bias"], cfg.val_classes),
+            logit_bias=[round(float(v), 3) for v in model.logit_bias],
+            **{f"val_{m}_{c}": pc[c][m] for c in AAMI_CLASSES for m in ("se", "ppv", "f1") if pc[c]["support"]})
+    log.info("%sout-of-fold DS1 macro F1 %.4f (S F1 %.3f, V F1 %.3f), bias %s",
+             f"restart {extra['restart']} kept: " if "restart" in extra else "", macro_f1(validation, cfg.val_classes),
+             pc["S"]["f1"] or 0.0, pc["V"]["f1"] or 0.0, np.round(model.logit_bias.numpy(), 2).tolist())
+
+
+def _fit_ensemble(train: BeatSet, run: Run, cfg: ClassifierConfig) -> BeatClassifier:
+    """One ensemble: one member per fold of ``cfg.folds``, averaged in ``forward``.
+
+    Member k (seed ``cfg.seed + k``) trains on every record outside fold k and keeps its best epoch
+    on fold k (macro F1 over ``cfg.val_classes``). Every epoch is logged (``run.log``, step = epochs
+    so far over all members) and checkpointed (``run.save_checkpoint``); a run directory that holds
+    a checkpoint resumes from it: finished members, and the current member's model, optimiser,
+    schedule, epoch, best weights and RNG states. The returned model carries ``validation``: the
+    out-of-fold metrics on DS1, each beat scored by the member that never saw its record.
     """
     folds = list(cfg.folds)
     if not folds or not all(folds):
@@ -373,43 +444,25 @@ def fit_classifier(train: BeatSet, run: Run, cfg: ClassifierConfig = ClassifierC
         raise ValueError(f"{run.checkpoint_path} was written with another configuration; start a new run")
     done: list[dict[str, torch.Tensor]] = [] if state is None else list(state["members_done"])
     step = 0 if state is None else state["step"] + 1
-    best: tuple[float, int, BeatClassifier] | None = None
-    for r in range(cfg.restarts):
-        oof = np.full((len(train), len(AAMI_CLASSES)), np.nan, dtype=np.float32)
-        for k, fold in enumerate(folds):
-            m = r * len(folds) + k  # index over all members of all restarts (checkpoint order)
-            fit, val = split_validation(train, fold)
-            member = BeatClassifier(**model_cfg)
-            if m < len(done):
-                member.load_state_dict(done[m])
-            else:
-                resume = state if state is not None and state["member"] == m and not state["member_finished"] else None
-                weights, step = _fit_member(model_cfg, fit, val, run, cfg, m, cfg.seed + r + k, step, resume, done)
-                member.load_state_dict(weights)
-                done.append(weights)
-            mask = np.isin(train.record, fold) & ~np.isin(train.record, PACED)
-            oof[mask] = predict_proba(member, train.beats[mask], train.rr[mask])
-        model = _ensemble(model_cfg, done[r * len(folds) : (r + 1) * len(folds)])
-        score = _out_of_fold(model, train, oof, folds, cfg)
-        run.log(step, phase="restart", restart=r, val_macro_f1=score)
-        log.info("restart %d: out-of-fold DS1 macro F1 %.4f", r, score)
-        if best is None or score > best[0]:
-            best = (score, r, model)
-    assert best is not None
-    _, chosen, model = best
-    validation = model.validation  # type: ignore[attr-defined]
-    pc = validation["per_class"]
-    run.log(step, phase="out-of-fold", restart=chosen, val_macro_f1=macro_f1(validation, cfg.val_classes),
-            val_macro_f1_without_bias=macro_f1(validation["without_bias"], cfg.val_classes),
-            logit_bias=[round(float(v), 3) for v in model.logit_bias],
-            **{f"val_{m}_{c}": pc[c][m] for c in AAMI_CLASSES for m in ("se", "ppv", "f1") if pc[c]["support"]})
+    oof = np.full((len(train), len(AAMI_CLASSES)), np.nan, dtype=np.float32)
+    for k, fold in enumerate(folds):
+        fit, val = split_validation(train, fold)
+        member = BeatClassifier(**model_cfg)
+        if k < len(done):
+            member.load_state_dict(done[k])
+        else:
+            resume = state if state is not None and state["member"] == k and not state["member_finished"] else None
+            weights, step = _fit_member(model_cfg, fit, val, run, cfg, k, cfg.seed + k, step, resume, done)
+            member.load_state_dict(weights)
+            done.append(weights)
+        mask = np.isin(train.record, fold) & ~np.isin(train.record, PACED)
+        oof[mask] = predict_proba(member, train.beats[mask], train.rr[mask])
+    model = _ensemble(model_cfg, done)
+    _out_of_fold(model, train, oof, folds, cfg)
+    _log_out_of_fold(run, step, model, cfg)
     final = run.load_checkpoint() if run.is_main else None
-    if final is not None:  # the chosen ensemble, for load_classifier
-        run.save_checkpoint({**final, "restart": chosen, "logit_bias": model.logit_bias.clone(),
-                             "validation": validation})
-    log.info("restart %d kept: out-of-fold DS1 macro F1 %.4f (S F1 %.3f, V F1 %.3f), bias %s", chosen,
-             macro_f1(validation, cfg.val_classes), pc["S"]["f1"] or 0.0, pc["V"]["f1"] or 0.0,
-             np.round(model.logit_bias.numpy(), 2).tolist())
+    if final is not None:  # the finished ensemble's extras, for load_classifier
+        run.save_checkpoint({**final, "logit_bias": model.logit_bias.clone(), "validation": model.validation})  # type: ignore[attr-defined]
     return model
 
 
@@ -483,8 +536,7 @@ def _fit_member(
     model_cfg: Mapping[str, Any], fit: BeatSet, val: BeatSet, run: Run, cfg: ClassifierConfig, k: int, seed: int,
     step: int, resume: Mapping[str, Any] | None, done: list[dict[str, torch.Tensor]],
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Train member ``k`` (index over all restarts) with early stopping on ``val``; return its best
-    weights and the next step."""
+    """Train member ``k`` with early stopping on ``val``; return its best weights and the next step."""
     seed_everything(seed)
     member = BeatClassifier(**model_cfg)
     log.info("member %d: training beats %s, validation beats %s", k, fit.class_counts(), val.class_counts())
@@ -520,7 +572,7 @@ def _fit_member(
     def finished() -> bool:
         return epoch >= cfg.epochs or (epoch - best_epoch > cfg.patience and epoch >= cfg.min_epochs)
 
-    bar = run.progress(cfg.epochs, f"classifier {k + 1}/{len(cfg.folds) * cfg.restarts}", initial=epoch)
+    bar = run.progress(cfg.epochs, f"classifier {k + 1}/{len(cfg.folds)}", initial=epoch)
     while not finished():
         t0 = time.monotonic()
         net.train()
@@ -572,16 +624,16 @@ def _fit_member(
 
 
 def load_classifier(checkpoint: str | Path) -> BeatClassifier:
-    """The ensemble a run's checkpoint kept (before the run ends: the first restart's finished members)."""
+    """The ensemble a run's checkpoint holds (before a run ends: the members it has finished)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    n = len(ClassifierConfig(**state["config"]).folds)
-    r = state.get("restart", 0)
-    done = state["members_done"][r * n : (r + 1) * n]
+    done = state["members_done"]
     if not done:
         raise ValueError(f"{checkpoint} holds no finished member yet")
     model = _ensemble(state["model_config"], done)
     if "logit_bias" in state:
         model.logit_bias.copy_(state["logit_bias"])
+    if "validation" in state:
+        model.validation = state["validation"]  # type: ignore[attr-defined]
     return model.eval()
 
 
