@@ -49,12 +49,18 @@ class EdgeService:
                     await self._publish(out)
 
     async def _tick(self) -> None:
+        """Step every ``tick_s`` on a fixed schedule: the wait is what is left of the period after
+        the step and its publishing, so under load the edge does not idle while frames queue (a
+        late step is followed by the next at once, after the sources have had their turn)."""
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + self.tick_s
         while True:
-            await asyncio.sleep(self.tick_s)
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
             async with self._lock:
                 out = self.anonymizer.step()
                 if out:
                     await self._publish(out)
+            next_at = max(next_at + self.tick_s, loop.time())
 
     async def run(self, sources: Sequence[AsyncIterator[SourceEvent]], stop_when_sources_end: bool = True) -> None:
         """Run until every source ends (replays, tests) or forever (live sources); close sessions."""
