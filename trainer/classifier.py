@@ -476,8 +476,8 @@ def _ensemble(model_cfg: Mapping[str, Any], members: Sequence[Mapping[str, torch
 
 
 def _out_of_fold(model: BeatClassifier, train: BeatSet, oof: np.ndarray, folds: Sequence[Sequence[str]],
-                 cfg: ClassifierConfig) -> float:
-    """Fit ``model.logit_bias`` on the out-of-fold probabilities, set ``model.validation``; return its macro F1."""
+                 cfg: ClassifierConfig) -> None:
+    """Fit ``model.logit_bias`` on the out-of-fold probabilities and set ``model.validation``."""
     scored = ~np.isnan(oof[:, 0])
     log_p, labels, fold_of = np.log(oof[scored] + 1e-7), train.labels[scored], np.full(int(scored.sum()), -1)
     for k, fold in enumerate(folds):
@@ -496,7 +496,6 @@ def _out_of_fold(model: BeatClassifier, train: BeatSet, oof: np.ndarray, folds: 
         validation = raw
     model.validation = {  # type: ignore[attr-defined]
         **validation, "records": sorted(set(train.record[scored].tolist())), "without_bias": raw}
-    return macro_f1(validation, cfg.val_classes)
 
 
 #: Candidate logit offsets for ``fit_logit_bias``.

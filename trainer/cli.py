@@ -81,8 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
     fit.add_argument("--dry-run", action="store_true", help="print the resolved options and stop")
     fit.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    fit.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; recorded, "
-                     "since CPU results repeat bit for bit only at the same count)")
+    fit.add_argument("--threads", type=int, help="torch CPU threads (default: the task's, 1 for the classifier, else torch's "
+                     "choice; recorded, since CPU results repeat bit for bit only at the same count)")
 
     ex = sub.add_parser(
         "export", help="write a trained run as an ONNX model for the edge",
@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     df.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     df.add_argument("--version", help="model version (default: UTC timestamp)")
     df.add_argument("--no-progress", action="store_true")
-    df.add_argument("--threads", type=int, help="torch CPU threads for every fit (default: torch's choice)")
+    df.add_argument("--threads", type=int, help="torch CPU threads for every fit (default: each task's, as for fit)")
 
     ev = sub.add_parser(
         "evaluate", help="privacy and utility of the edge's output on DS2 (report.md, report.json)",

@@ -107,6 +107,7 @@ def _judge(judge_run: str | Path | None, ds1: BeatSet, config: Any, seed: int) -
 
     from trainer.classifier import ClassifierConfig, fit_classifier, predict_proba
     from trainer.runs import Run
+    from trainer.tasks import TASKS
 
     if judge_run is not None:
         from trainer.pipeline import load_run
@@ -118,7 +119,7 @@ def _judge(judge_run: str | Path | None, ds1: BeatSet, config: Any, seed: int) -
             # The shipped recipe (restarts included), on seeds none of the shipped restarts uses:
             # a reader as good as the shipped classifier, independent of it.
             before = torch.get_num_threads()
-            torch.set_num_threads(1)  # as the classifier task trains: the same judge on any machine
+            torch.set_num_threads(TASKS["classifier"].threads or before)  # the same judge on any machine
             try:
                 model = fit_classifier(ds1, run, config or ClassifierConfig(seed=seed + JUDGE_SEED_OFFSET))
             finally:
