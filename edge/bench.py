@@ -2,11 +2,13 @@
 
 N simulated wearables play the bundled MIT-BIH record (each from its own offset, so beats do not
 arrive in lock-step) through the full in-process pipeline: detector, codec, the ONNX classifier
-and generator batched across streams, splicer. Everything runs on one thread. Each tick of
-``frame_ms`` every stream delivers one frame and the pipeline runs one batch; the clock the
-pipeline sees is the simulated arrival time plus the real processing time of the tick so far, and
-a surrogate counts as emitted when the tick's step returns, so the added latency (R-peak sample
-arrives -> its surrogate is emitted) includes all of the tick's compute.
+and generator batched across streams, splicer. Everything runs on one thread, on a simulated clock
+that advances by the compute's CPU time. Two arrival patterns (``run_once``): *staggered*, each
+wearable's frames on its own phase and the pipeline stepped on the live service's fixed tick, as
+the service runs (``EdgeService``); and *lockstep*, every frame at the same instant and one step
+per frame, the latency worst case. A surrogate counts as emitted when the step that made it
+returns, so the added latency (R-peak sample arrives -> its surrogate is emitted) includes all of
+that step's compute.
 
 The same run with the torch generator in place of the ONNX one is the peer row (a ratio on the
 same machine, in the same process, is what these shared machines can measure honestly).
@@ -36,6 +38,7 @@ WARM_UP_S = 5.0  # the detector learns for 2 s and the first beats wait for it: 
 @dataclass
 class BenchResult:
     generator: str
+    arrivals: str  # "staggered" (each wearable on its own phase, the service's tick) or "lockstep"
     frame_ms: float
     streams: int
     simulated_s: float
@@ -68,41 +71,69 @@ def _rss() -> int:
 
 
 def run_once(generator, classifier, streams: int, seconds: float, frame_ms: float, signal: np.ndarray,
-             fs: float, seed: int = 0) -> BenchResult:
+             fs: float, seed: int = 0, arrivals: str = "staggered", tick_s: float | None = None) -> BenchResult:
+    """One run of ``streams`` wearables for ``seconds`` (after the warm-up).
+
+    ``arrivals="staggered"``: each wearable's frames arrive on its own phase (wearables are not
+    synchronised), and the pipeline steps on the live service's fixed ``tick_s`` schedule
+    (``EdgeService._tick``): at each tick the frames that have arrived are fed, stamped with their
+    arrival time, and one step runs. The clock is simulated time advanced by the compute's CPU time
+    (this thread's, so another process taking the core does not count as ours), so a core that
+    cannot keep up falls behind and the latency shows it. ``arrivals="lockstep"``: every
+    wearable's frame arrives at the same instant and one step handles them all, the worst case
+    for latency (the last beat of a tick waits for the whole tick's compute).
+    """
+    from edge.config import PipelineConfig
     from edge.frames import Frame
     from edge.metrics import EdgeMetrics
     from edge.pipeline import Anonymizer, PipelineSettings
 
+    if arrivals not in ("staggered", "lockstep"):
+        raise ValueError(f"arrivals must be 'staggered' or 'lockstep', not {arrivals!r}")
+    tick_s = PipelineConfig().tick_s if tick_s is None else tick_s
     gc.collect()
     rss0 = _rss()
     metrics = EdgeMetrics()
     anonymizer = Anonymizer(generator, classifier, PipelineSettings(seed=seed), metrics)
     n = round(frame_ms * fs / 1000)
+    frame_s = n / fs
     rng = np.random.default_rng(seed)
     offsets = rng.integers(0, len(signal), streams)
+    # Frame k of wearable i arrives (its last sample is sent) at phase[i] + (k + 1) * frame_s.
+    phase = rng.uniform(0.0, frame_s, streams) if arrivals == "staggered" else np.zeros(streams)
     doubled = np.concatenate([signal, signal])  # wrap around without a seam at the offset
-    ticks = int(seconds * fs / n)
-    warm_ticks = int(WARM_UP_S * fs / n)
-    beats0 = cpu0 = wall0 = None
+    end_s = WARM_UP_S + seconds
+    sent = np.zeros(streams, dtype=np.int64)  # frames fed per wearable
     latency: list[float] = []
-    for tick in range(warm_ticks + ticks):
-        if tick == warm_ticks:
+    beats0 = cpu0 = wall0 = None
+    fed0 = 0
+    clock = next_at = tick_s if arrivals == "staggered" else frame_s
+    while True:
+        clock = max(clock, next_at)  # idle until the tick is due
+        if clock > end_s:
+            break
+        if beats0 is None and clock >= WARM_UP_S:
             beats0 = sum(metrics.beats.labels(c)._value.get() for c in "NSVFQ")
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-        t_sim = (tick + 1) * n / fs
-        t_wall = time.perf_counter()
-        pos = tick * n
-        for i in range(streams):
-            start = (offsets[i] + pos) % len(signal)
-            anonymizer.feed(Frame(f"w{i}", doubled[start : start + n], fs, seq=pos), now=t_sim)
-        before_step = time.perf_counter() - t_wall
-        anonymizer.step(now=t_sim + before_step)
+            cpu0, wall0, fed0 = time.process_time(), time.perf_counter(), int(sent.sum())
+        t0 = time.thread_time()
+        due = np.floor((clock - phase) / frame_s + 1e-9).astype(np.int64)  # frames arrived by now
+        for i in np.flatnonzero(due > sent).tolist():
+            for k in range(int(sent[i]), int(due[i])):
+                start = (offsets[i] + k * n) % len(signal)
+                anonymizer.feed(Frame(f"w{i}", doubled[start : start + n], fs, seq=k * n),
+                                now=float(phase[i] + (k + 1) * frame_s))
+            sent[i] = due[i]
+        clock += time.thread_time() - t0
+        t1 = time.thread_time()
+        anonymizer.step(now=clock)
         # The pipeline stamps a beat's latency with the clock step was given; its surrogate goes
         # out when step returns, so the step's own compute (detection, models, splicing) is added.
-        in_step = time.perf_counter() - t_wall - before_step
-        if tick >= warm_ticks:
+        in_step = time.thread_time() - t1
+        clock += in_step
+        if beats0 is not None:
             latency.extend(v + in_step for v in metrics.recent_latency)
         metrics.recent_latency.clear()
+        next_at = max(next_at + (tick_s if arrivals == "staggered" else frame_s), clock)
     cpu = time.process_time() - cpu0
     wall = time.perf_counter() - wall0
     beats = sum(metrics.beats.labels(c)._value.get() for c in "NSVFQ") - beats0
@@ -110,7 +141,8 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
     rss = _rss() - rss0
     arrays = np.mean([s.memory_bytes() for s in anonymizer.streams.values()])
     return BenchResult(
-        generator=type(generator).__name__, frame_ms=frame_ms, streams=streams, simulated_s=ticks * n / fs, cpu_s=cpu, wall_s=wall,
+        generator=type(generator).__name__, arrivals=arrivals, frame_ms=frame_ms, streams=streams,
+        simulated_s=(int(sent.sum()) - fed0) * frame_s / streams, cpu_s=cpu, wall_s=wall,
         beats=int(beats), latency_p50=float(np.percentile(lat, 50)), latency_p99=float(np.percentile(lat, 99)),
         latency_max=float(lat.max()), bytes_per_stream=rss / streams, array_bytes_per_stream=float(arrays),
     )
@@ -124,12 +156,12 @@ def _torch_peer(contract):
 
 
 def table(results: list[BenchResult]) -> str:
-    rows = ["| generator | frame | streams | real-time factor | streams sustained on one core | µs CPU per beat | "
-            "added latency p50 / p99 / max (s) | RSS per stream | stream buffers |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [("| generator | arrivals | frame | streams | real-time factor | streams sustained on one core | µs CPU per beat | "
+             "added latency p50 / p99 / max (s) | RSS per stream | stream buffers |"),
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rows.append(
-            f"| {r.generator} | {r.frame_ms:g} ms | {r.streams} | {r.realtime_factor:.2f} | {r.sustained_streams:.0f} | {r.us_per_beat:.0f} | "
+            f"| {r.generator} | {r.arrivals} | {r.frame_ms:g} ms | {r.streams} | {r.realtime_factor:.2f} | {r.sustained_streams:.0f} | {r.us_per_beat:.0f} | "
             f"{r.latency_p50:.3f} / {r.latency_p99:.3f} / {r.latency_max:.3f} | {r.bytes_per_stream / 1024:.0f} KiB | "
             f"{r.array_bytes_per_stream / 1024:.0f} KiB |")
     return "\n".join(rows)
@@ -158,11 +190,12 @@ def main(args: argparse.Namespace) -> int:
             print(f"peer row skipped: {exc}", file=sys.stderr)
     results = []
     for g in generators:
-        for frame_ms in args.frame_ms:
-            for n in args.streams:
-                r = run_once(g, cls, n, args.seconds, frame_ms, signal, fs)
-                results.append(r)
-                print(table([r]).splitlines()[-1], flush=True)
+        for arrivals in args.arrivals:
+            for frame_ms in args.frame_ms:
+                for n in args.streams:
+                    r = run_once(g, cls, n, args.seconds, frame_ms, signal, fs, arrivals=arrivals)
+                    results.append(r)
+                    print(table([r]).splitlines()[-1], flush=True)
     enc_after = codec.encode_span(fs)[1] / fs
     post = codec.DEFAULT_SPEC.post_s
     text = table(results)
@@ -198,4 +231,4 @@ thread. {args.seconds:g} simulated seconds are measured after {WARM_UP_S:g} s of
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main(argparse.Namespace(streams=[10], seconds=5.0, frame_ms=[100.0], peer=False, output=Path("-"))))
+    sys.exit(main(argparse.Namespace(streams=[10], seconds=5.0, frame_ms=[100.0], arrivals=["staggered"], peer=False, output=Path("-"))))

@@ -152,6 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--streams", type=int, nargs="+", default=[100, 500, 1000])
     be.add_argument("--seconds", type=float, default=20.0, help="simulated seconds per run (default 20)")
     be.add_argument("--frame-ms", type=float, nargs="+", default=[100.0, 250.0], help="frame lengths to run (default 100 250)")
+    be.add_argument("--arrivals", nargs="+", choices=("staggered", "lockstep"), default=["staggered", "lockstep"],
+                    help="staggered: each wearable's frames on its own phase, stepped on the service's tick; "
+                    "lockstep: every frame at once, one step per frame (the latency worst case); default both")
     be.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also run the torch generator row")
     be.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"), help="'-' for none")
 

@@ -263,7 +263,8 @@ class Anonymizer:
         now = self.clock() if now is None else now
         self.detect()
         # Only streams fed since the last step (or ending now) can have new beats or new output.
-        touched = [(d, self.streams[d]) for d in (self._dirty | set(final)) if d in self.streams]
+        # In the streams' own order, so the batch (and its draws) does not depend on set order.
+        touched = [(d, s) for d, s in self.streams.items() if d in self._dirty or d in final]
         self._dirty = set()
         ready: list[tuple[str, BeatStream, ReadyBeats]] = []
         for device, stream in touched:
@@ -279,8 +280,7 @@ class Anonymizer:
         for device, stream in touched:
             is_final = device in final
             if not is_final and not stream.due(round(self.settings.emit_s * stream.fs)):
-                self._dirty.add(device)  # not worth a message yet: look again next step
-                continue
+                continue  # not worth a message yet; nothing changes that until the stream is fed again
             emitted = stream.emit(now, final=is_final)
             if len(emitted.samples) == 0 and not emitted.beats:
                 continue

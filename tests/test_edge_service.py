@@ -248,8 +248,32 @@ def test_pipeline_benchmark_runs_and_writes_its_table(tmp_path: Path) -> None:
     from edge import bench
 
     out = tmp_path / "benchmarks.md"
-    assert bench.main(argparse.Namespace(streams=[4], seconds=3.0, frame_ms=[100.0], peer=False, output=out)) == 0
-    assert "| GeneratorSession | 100 ms | 4 |" in out.read_text()
+    assert bench.main(argparse.Namespace(streams=[4], seconds=3.0, frame_ms=[100.0], arrivals=["staggered", "lockstep"],
+                                         peer=False, output=out)) == 0
+    text = out.read_text()
+    assert "| GeneratorSession | staggered | 100 ms | 4 |" in text
+    assert "| GeneratorSession | lockstep | 100 ms | 4 |" in text
+
+
+@pytest.mark.parametrize("arrivals", ["staggered", "lockstep"])
+def test_pipeline_benchmark_latency_is_the_post_r_wait_plus_frame_and_tick(arrivals: str) -> None:
+    """A surrogate can go out once the codec's post-R input has arrived: the latency the bench
+    reports must sit between that wait less one frame (the R-peak's own frame arrives late
+    too) and the wait plus one frame, one tick and the compute; and every fed second counts."""
+    from edge import bench, codec
+    from edge.anonymize import load_models
+    from edge.cli import bundled_record
+    from edge.replay import read_wfdb
+
+    signal, fs, _ = read_wfdb(bundled_record())
+    gen, cls = load_models()
+    r = bench.run_once(gen, cls, 6, 4.0, 100.0, signal, fs, arrivals=arrivals)
+    wait = codec.encode_span(fs)[1] / fs
+    frame_s = round(0.1 * fs) / fs
+    assert r.beats > 6 * 4 * 0.8  # record 208 runs at about 1.5 beats per second
+    assert wait - frame_s <= r.latency_p50 <= r.latency_max <= wait + frame_s + 0.02 + 0.25
+    assert r.simulated_s == pytest.approx(4.0, abs=0.1)
+    assert r.realtime_factor > 1
 
 
 def test_fleet_benchmark_counts_every_frame_through_mosquitto(tmp_path: Path) -> None:

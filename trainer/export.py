@@ -1,8 +1,9 @@
 """Export trained models to ONNX with their contract in ``metadata_props``, and prove parity.
 
-The edge loads these files with onnxruntime and checks the contract (edge/models.py); the export
-checks the reverse: the ONNX graph computes what the torch model computes, on random inputs of
-two batch sizes (the batch axis is dynamic), and reports the largest absolute difference.
+The edge loads these files with onnxruntime and checks the contract (edge/models.py). The graph
+is rewritten onto onnxruntime's fast CPU kernels (trainer/onnx_kernels.py); the export checks
+that it still computes what the torch model computes, on random inputs of two batch sizes (the
+batch axis is dynamic), and reports the largest absolute difference.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from edge.models import (
     GeneratorSession,
     ModelContract,
 )
+from trainer.onnx_kernels import for_cpu_kernels
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ def export_model(module: nn.Module, contract: ModelContract, path: str | os.Path
             opset_version=OPSET,
             dynamo=False,
         )
-    model = onnx.load_from_string(buf.getvalue())
+    model = for_cpu_kernels(onnx.load_from_string(buf.getvalue()))
     for key, value in contract.to_metadata().items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
