@@ -32,7 +32,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SECTION = "pipeline"
-WARM_UP_S = 5.0  # the detector learns for 2 s and the first beats wait for it: not steady state
+WARM_UP_S = 8.0  # wearables join, the detector learns for 2 s, the first beats wait for it: not steady state
+JOIN_S = 3.0  # staggered wearables join over the first seconds, not all at one instant
 
 
 @dataclass
@@ -74,8 +75,8 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
              fs: float, seed: int = 0, arrivals: str = "staggered", tick_s: float | None = None) -> BenchResult:
     """One run of ``streams`` wearables for ``seconds`` (after the warm-up).
 
-    ``arrivals="staggered"``: each wearable's frames arrive on its own phase (wearables are not
-    synchronised), and the pipeline steps on the live service's fixed ``tick_s`` schedule
+    ``arrivals="staggered"``: each wearable joins at its own time in the first ``JOIN_S`` and its
+    frames arrive on its own phase (wearables are not synchronised), and the pipeline steps on the live service's fixed ``tick_s`` schedule
     (``EdgeService._tick``): at each tick the frames that have arrived are fed, stamped with their
     arrival time, and one step runs. The clock is simulated time advanced by the compute's CPU time
     (this thread's, so another process taking the core does not count as ours), so a core that
@@ -87,12 +88,14 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
     from edge.frames import Frame
     from edge.metrics import EdgeMetrics
     from edge.pipeline import Anonymizer, PipelineSettings
+    from edge.service import freeze_heap
 
     if arrivals not in ("staggered", "lockstep"):
         raise ValueError(f"arrivals must be 'staggered' or 'lockstep', not {arrivals!r}")
     tick_s = PipelineConfig().tick_s if tick_s is None else tick_s
     gc.collect()
     rss0 = _rss()
+    freeze_heap()  # as the service does when it starts
     metrics = EdgeMetrics()
     anonymizer = Anonymizer(generator, classifier, PipelineSettings(seed=seed), metrics)
     n = round(frame_ms * fs / 1000)
@@ -100,7 +103,7 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
     rng = np.random.default_rng(seed)
     offsets = rng.integers(0, len(signal), streams)
     # Frame k of wearable i arrives (its last sample is sent) at phase[i] + (k + 1) * frame_s.
-    phase = rng.uniform(0.0, frame_s, streams) if arrivals == "staggered" else np.zeros(streams)
+    phase = rng.uniform(0.0, JOIN_S, streams) if arrivals == "staggered" else np.zeros(streams)
     doubled = np.concatenate([signal, signal])  # wrap around without a seam at the offset
     end_s = WARM_UP_S + seconds
     sent = np.zeros(streams, dtype=np.int64)  # frames fed per wearable
@@ -136,6 +139,7 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
         next_at = max(next_at + (tick_s if arrivals == "staggered" else frame_s), clock)
     cpu = time.process_time() - cpu0
     wall = time.perf_counter() - wall0
+    gc.unfreeze()  # the next run's streams are not this run's
     beats = sum(metrics.beats.labels(c)._value.get() for c in "NSVFQ") - beats0
     lat = np.array(latency)
     rss = _rss() - rss0
