@@ -36,7 +36,8 @@ def pipeline_settings(cfg: EdgeConfig) -> PipelineSettings:
     p = cfg.pipeline
     return PipelineSettings(
         seed=p.seed, persona_spread=p.persona_spread, beat_spread=p.beat_spread, pseudonym_secret=p.secret(),
-        lost_s=p.lost_s, max_gap_s=p.max_gap_s, max_frame_s=p.max_frame_s,
+        lost_s=p.lost_s, max_gap_s=p.max_gap_s, max_frame_s=p.max_frame_s, redraw=p.redraw,
+        redraw_classes=tuple(p.redraw_classes),
     )
 
 

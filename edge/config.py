@@ -82,6 +82,8 @@ class PipelineConfig(_Strict):
     seed: int | None = None
     persona_spread: float = Field(1.0, ge=0.0, le=3.0)
     beat_spread: float = Field(1.0, ge=0.0, le=3.0)
+    redraw: int = Field(0, ge=0, le=64)  # classifier-guided redraw tries per surrogate (0: off)
+    redraw_classes: tuple[Literal["N", "S", "V", "F", "Q"], ...] = ("S", "V", "F", "Q")
     pseudonym: Literal["random", "keyed"] = "random"
     pseudonym_secret_file: Path | None = None  # keyed pseudonyms: the site secret (>= 16 bytes)
     lost_s: float = Field(3.0, gt=0.5, le=60.0)

@@ -38,6 +38,11 @@ class EdgeMetrics:
         self.model_info = Gauge(
             "ecg_edge_model_info", "Loaded model (value 1), by kind and version", ["kind", "version", "sha256"],
             registry=r)
+        self.redraws = Counter(
+            "ecg_edge_redraws", "Surrogates drawn again because the classifier read another class, by outcome "
+            "(hit: a later draw was read as intended; miss: every draw was read otherwise, the best one kept)",
+            ["outcome"], registry=r)
+        self.redraw_rows = Counter("ecg_edge_redraw_rows", "Surrogates generated again by the redraw", registry=r)
         self.model_errors = Counter("ecg_edge_model_errors", "Model calls that failed, by kind", ["kind"], registry=r)
         self.model_refresh = Counter(
             "ecg_edge_model_refresh", "Model announcements, by kind and result (accepted, current, or why refused)",

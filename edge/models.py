@@ -231,10 +231,13 @@ class ClassifierSession(ModelSession):
             "rr": np.full((n, len(self.contract.rr_features)), 0.8, np.float32),
         }
 
+    def logits(self, beats: np.ndarray, rr: np.ndarray) -> np.ndarray:
+        """Class logits per beat, (n, classes) in ``contract.classes`` order."""
+        return self.run(beats=np.ascontiguousarray(beats, np.float32), rr=np.ascontiguousarray(rr, np.float32))
+
     def classify(self, beats: np.ndarray, rr: np.ndarray) -> np.ndarray:
         """Class index per beat (into ``contract.classes``)."""
-        logits = self.run(beats=np.ascontiguousarray(beats, np.float32), rr=np.ascontiguousarray(rr, np.float32))
-        return np.argmax(logits, axis=1)
+        return np.argmax(self.logits(beats, rr), axis=1)
 
 
 def default_model_path(kind: str) -> Path:

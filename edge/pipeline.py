@@ -45,6 +45,11 @@ class PipelineSettings:
     max_gap_s: float = 10.0  # a longer gap in a device's samples ends its session
     max_frame_s: float = 10.0  # frames longer than this are rejected as oversize
     emit_s: float = 0.2  # output goes out in chunks of at least this, or at once when a beat can
+    # Classifier-guided redraw: a surrogate of one of ``redraw_classes`` that the classifier does
+    # not read as its class gets up to ``redraw`` fresh per-beat latents (0: off); the first draw
+    # read as intended is kept, else the draw with the largest margin for the intended class.
+    redraw: int = 0
+    redraw_classes: tuple[str, ...] = ("S", "V", "F", "Q")
     detector: DetectorConfig = field(default_factory=DetectorConfig)
 
 
@@ -82,6 +87,9 @@ class Anonymizer:
         self.metrics = metrics or EdgeMetrics()
         self.clock = clock
         self.rng = np.random.default_rng(self.settings.seed)
+        # Redraw latents come from a stream of their own: a beat that needs no redraw gets the
+        # same surrogate with redraw on as off.
+        self._redraw_rng = np.random.default_rng(None if self.settings.seed is None else [self.settings.seed, 1])
         self.generator: GeneratorSession | None = None
         self.classifier: ClassifierSession | None = None
         self.swap_models(generator, classifier)
@@ -342,12 +350,26 @@ class Anonymizer:
                 personas = np.concatenate([np.broadcast_to(s.persona.latent, (len(r.r), s.persona.latent.size))
                                            for _, s, r in ready])[idx]
                 z = self.settings.beat_spread * self.rng.standard_normal((idx.size, self.generator.contract.beat_dim))
-                surrogates = self.generator.generate(personas, z, labels[idx],
-                                                     _columns(rr[idx], self.generator.contract.rr_features))
+                gen_rr = _columns(rr[idx], self.generator.contract.rr_features)
+                surrogates = self.generator.generate(personas, z, labels[idx], gen_rr)
                 if surrogates.shape != (idx.size, self.spec.length) or not np.isfinite(surrogates).all():
                     raise RuntimeError(f"generator returned {surrogates.shape} with non-finite values")
+                if self.settings.redraw > 0:
+                    reason = "redraw"
+                    guarded = [self.spec_classes().index(c) for c in self.settings.redraw_classes
+                               if c in self.spec_classes()]
+                    tries = redraw(self.generator, self.classifier, surrogates, personas, labels[idx], gen_rr,
+                                   _columns(rr[idx], self.classifier.contract.rr_features), self.settings.redraw,
+                                   guarded, lambda k: self.settings.beat_spread * self._redraw_rng.standard_normal(
+                                       (k, self.generator.contract.beat_dim)))
+                    if tries.hit:
+                        self.metrics.redraws.labels("hit").inc(tries.hit)
+                    if tries.miss:
+                        self.metrics.redraws.labels("miss").inc(tries.miss)
+                    if tries.rows:
+                        self.metrics.redraw_rows.inc(tries.rows)
         except Exception as exc:  # noqa: BLE001 - any model failure fails closed
-            if reason in ("codec", "classifier", "generator"):
+            if reason in ("codec", "classifier", "generator", "redraw"):
                 self.metrics.model_errors.labels(reason).inc()
                 log.error("%s failed on a batch of %d beats (%s): those beats are masked", reason, n, exc)
             ok = np.zeros(n, dtype=bool)
@@ -365,6 +387,56 @@ class Anonymizer:
             if dropped:
                 self.metrics.late_beats.inc(dropped)
             lo = hi
+
+
+@dataclass(frozen=True)
+class Redraws:
+    """What one ``redraw`` call did: beats read as intended only after a redraw (``hit``), beats
+    never read as intended (``miss``), and generator rows drawn again in all (``rows``)."""
+
+    hit: int
+    miss: int
+    rows: int
+
+
+def _margin(classifier: ClassifierSession, beats: np.ndarray, rr: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Logit of each beat's intended class minus the largest other logit: > 0 iff it is read as intended."""
+    logits = classifier.logits(beats, rr)
+    rows = np.arange(len(labels))
+    own = logits[rows, labels].copy()
+    logits[rows, labels] = -np.inf
+    return own - logits.max(axis=1)
+
+
+def redraw(generator: GeneratorSession, classifier: ClassifierSession, surrogates: np.ndarray, personas: np.ndarray,
+           labels: np.ndarray, gen_rr: np.ndarray, cls_rr: np.ndarray, tries: int, classes: list[int],
+           draw_z: Callable[[int], np.ndarray]) -> Redraws:
+    """Classifier-guided redraw, in place on ``surrogates``: each surrogate of a class in
+    ``classes`` that ``classifier`` does not read as its class is generated again with a fresh
+    per-beat latent from ``draw_z(k)``, up to ``tries`` times; the first draw read as intended is
+    kept, else the draw with the largest margin for its class. Only the surrogate and the RR
+    context (both already part of the output) go into the choice, never the input beat."""
+    todo = np.flatnonzero(np.isin(labels, classes))
+    if tries <= 0 or not todo.size:
+        return Redraws(0, 0, 0)
+    best = _margin(classifier, surrogates[todo], cls_rr[todo], labels[todo])
+    missed0 = int(np.count_nonzero(best <= 0))
+    rows = 0
+    for _ in range(tries):
+        open_ = np.flatnonzero(best <= 0)  # positions in ``todo`` not yet read as intended
+        if not open_.size:
+            break
+        k = todo[open_]
+        rows += k.size
+        cand = generator.generate(personas[k], draw_z(k.size), labels[k], gen_rr[k])
+        if cand.shape != (k.size, surrogates.shape[1]) or not np.isfinite(cand).all():
+            raise RuntimeError(f"generator returned {cand.shape} with non-finite values")
+        m = _margin(classifier, cand, cls_rr[k], labels[k])
+        better = m > best[open_]
+        surrogates[k[better]] = cand[better]
+        best[open_[better]] = m[better]
+    miss = int(np.count_nonzero(best <= 0))
+    return Redraws(missed0 - miss, miss, rows)
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,24 @@ def test_evaluate_writes_a_report_on_the_committed_slices(tmp_path: Path) -> Non
     assert "with the judge" in (tmp_path / "report.md").read_text()
 
 
+def test_evaluate_with_redraw_reads_the_product_with_a_feature_judge(tmp_path: Path) -> None:
+    """The product stream under classifier-guided redraw, read by the feature-based judge (no
+    second CNN trained); the report says that the shipped classifier's reading is not independent."""
+    from trainer.evaluate import evaluate
+
+    report = evaluate(str(DATA), tmp_path, ("100", "232"), minutes=2.0, cache_dir=None, training_records=("208", "119"),
+                      curve=(), detect_with_xqrs=False, draws=1, product_settings={"redraw": 4}, recipe_judge=False,
+                      feature_judge=True)
+    f1 = report["class_f1"]
+    assert {"raw, features judge", "reclassified, features judge"} <= set(f1) and "raw, judge" not in f1
+    assert f1["raw, features judge"]["N"] > 0.5  # two training records make a weak judge; it still reads
+    assert 0.0 <= f1["reclassified, features judge"]["macro"] <= 1.0
+    assert report["product_settings"] == {"redraw": 4}
+    assert 0.0 <= report["membership_auc"]["product"] <= 1.0
+    text = (tmp_path / "report.md").read_text()
+    assert "with the features judge" in text and "not an independent reading" in text
+
+
 def test_hrv_and_f1_helpers_give_known_answers() -> None:
     from trainer.evaluate import _f1, _hrv
 

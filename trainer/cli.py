@@ -125,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache-dir", default=".cache/beats")
     ev.add_argument("--baseline", help="image-baseline run directory, for the seed paper's rows (e.g. runs/image-baseline/001)")
     ev.add_argument("--no-xqrs", action="store_true", help="skip wfdb's xqrs on the output (the slowest part)")
+    ev.add_argument("--redraw", type=int, default=0,
+                    help="the product stream's classifier-guided redraw tries (pipeline.redraw; default 0: off)")
+    ev.add_argument("--judge", choices=("recipe", "features", "both"), default="recipe",
+                    help="independent reader(s) of the emitted beats: a classifier of the shipped recipe trained "
+                    "with other seeds, a feature-based classifier, or both (default recipe)")
+    ev.add_argument("--no-curve", action="store_true", help="skip the privacy-utility curve")
 
     mm = sub.add_parser(
         "memorisation", help="membership inference and fidelity against generator steps, on a DS1 subject hold-out",
@@ -201,10 +207,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from edge.records import DS2
-    from trainer.evaluate import evaluate, render
+    from trainer.evaluate import CURVE, evaluate, render
 
     report = evaluate(args.data_dir, args.output, tuple(args.records or DS2), args.minutes, args.seed, args.cache_dir,
-                      baseline_run=args.baseline, detect_with_xqrs=not args.no_xqrs)
+                      baseline_run=args.baseline, detect_with_xqrs=not args.no_xqrs,
+                      curve=() if args.no_curve else CURVE,
+                      product_settings={"redraw": args.redraw} if args.redraw else None,
+                      recipe_judge=args.judge in ("recipe", "both"), feature_judge=args.judge in ("features", "both"))
     print(render(report))
     print(f"wrote {args.output}/report.md and report.json")
     return 0

@@ -29,7 +29,7 @@ import numpy as np
 from edge import codec
 from edge.anonymize import anonymize_signal, load_models
 from edge.models import ClassifierSession, GeneratorSession
-from edge.pipeline import Anonymizer, PipelineSettings
+from edge.pipeline import Anonymizer, PipelineSettings, _columns, redraw
 from edge.records import AAMI_CLASSES, AAMI_OF_SYMBOL, DS1, DS2, read_record
 from edge.scoring import match_beats, score_beats
 from trainer.dataset import BeatSet, load_records, rr_features
@@ -153,11 +153,31 @@ def _f1(ref: list[str], pred: list[str]) -> dict[str, float]:
     return out
 
 
+def _guided(gen: GeneratorSession, cls: ClassifierSession, tries: int, classes: tuple[str, ...], seed: int) -> Any:
+    """``gen.generate`` with the edge's classifier-guided redraw (``PipelineSettings.redraw``), for
+    the membership attack on what the product emits rather than on the bare generator."""
+    rng = np.random.default_rng(seed + 17)
+    c = gen.contract
+    guarded = [c.classes.index(k) for k in classes if k in c.classes]
+
+    def generate(persona: np.ndarray, z: np.ndarray, label: np.ndarray, rr: np.ndarray) -> np.ndarray:
+        # rr: all of RR_FEATURES; z: standard normal (beat_spread 1)
+        gen_rr, cls_rr = _columns(rr, c.rr_features), _columns(rr, cls.contract.rr_features)
+        out = np.array(gen.generate(persona, z, label, gen_rr))
+        redraw(gen, cls, out, persona, np.asarray(label), gen_rr, cls_rr, tries, guarded,
+               lambda k: rng.standard_normal((k, c.beat_dim)))
+        return out
+
+    return generate
+
+
 def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, ...] = DS2, minutes: float = 10.0,
              seed: int = 0, cache_dir: str | None = ".cache/beats",
              training_records: tuple[str, ...] = DS1, baseline_run: str | Path | None = None,
              curve: tuple[tuple[float, float], ...] = CURVE, detect_with_xqrs: bool = True,
-             draws: int = 3, judge_run: str | Path | None = None, judge_config: Any = None) -> dict[str, Any]:
+             draws: int = 3, judge_run: str | Path | None = None, judge_config: Any = None,
+             product_settings: dict[str, Any] | None = None, recipe_judge: bool = True,
+             feature_judge: bool = False) -> dict[str, Any]:
     """Run the evaluation and write ``report.md`` and ``report.json`` into ``output_dir``.
 
     ``training_records`` are the generator's training records: the rhythm twin's beat shapes and
@@ -168,16 +188,37 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
     Classes of the emitted beats are read by the shipped classifier and by a *judge*: a second
     classifier trained on the same real DS1 beats with another seed (``judge_run``, or trained
     here), which the generator never saw during training, so its reading is not one the
-    generator's class-consistency term optimised for.
+    generator's class-consistency term optimised for. ``recipe_judge=False`` skips it (the curve
+    is then read by the feature judge). ``feature_judge``: also read the beats with a classic
+    feature-based classifier (``trainer.feature_judge``), which shares nothing with the shipped
+    one but the DS1 training beats; with ``redraw`` on, the shipped classifier screens the
+    surrogates, so only a judge can say whether their class survived.
+
+    ``product_settings``: extra ``PipelineSettings`` for the product stream (e.g. ``redraw``);
+    the membership attack then runs on the generator behind the same redraw.
     """
     t0 = time.monotonic()
+    product_settings = dict(product_settings or {})
     gen, cls = load_models()
     ds1 = load_records(training_records, data_dir, cache_dir)
-    judge = _judge(judge_run, ds1, judge_config, seed)
+    judges: dict[str, Any] = {}  # name -> judge(beats, r, fs)
+    if recipe_judge:
+        recipe = _judge(judge_run, ds1, judge_config, seed)
+        judges["judge"] = lambda beats, r, fs: recipe(beats, rr_features(r, fs))
+    if feature_judge:
+        from trainer.feature_judge import fit_feature_judge, post_rr
+
+        features = fit_feature_judge(ds1)
+        log.info("feature judge: %s (out-of-fold DS1 macro F1 %s)", features.name, features.out_of_fold)
+        judges["features judge"] = lambda beats, r, fs: features(beats, rr_features(r, fs), post_rr(r, fs))
+    curve_judge = judges.get("judge") or judges.get("features judge")
+    if curve_judge is None:
+        curve = ()
     templates = np.stack([ds1.beats[ds1.labels == k].mean(axis=0) if (ds1.labels == k).any()
                           else np.zeros(ds1.beats.shape[1]) for k in range(len(AAMI_CLASSES))])
     twin = RhythmTwin(gen.contract, templates)
-    generators: dict[str, tuple[Any, dict[str, float]]] = {"product": (gen, {}), "twin": (twin, {"persona_spread": 0.0})}
+    generators: dict[str, tuple[Any, dict[str, Any]]] = {"product": (gen, product_settings),
+                                                        "twin": (twin, {"persona_spread": 0.0})}
     if baseline_run is not None:
         from trainer.pipeline import load_run
 
@@ -191,7 +232,7 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
     curve_parts: dict[tuple[float, float], list[tuple[np.ndarray, str, list[str], list[str]]]] = {k: [] for k in curve}
     timing, hrv_rows = [], []
     class_rows: dict[str, tuple[list[str], list[str]]] = {
-        k: ([], []) for k in ("raw", "edge", "reclassified", "raw, judge", "reclassified, judge")}
+        k: ([], []) for k in ("raw", "edge", "reclassified", *(f"{a}, {j}" for j in judges for a in ("raw", "reclassified")))}
     for i, name in enumerate(records):
         rec = read_record(name, data_dir, 0, sampto=None)
         n = min(len(rec.signal), round(minutes * 60 * rec.fs))
@@ -233,16 +274,21 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
                     if detect_with_xqrs:
                         detection.append({"record": name, **_xqrs_score(out, ref_r, fs)})
                     out_rr = rr_features(r, fs)
-                    again, again_judge = cls.classify(enc.beats, out_rr), judge(enc.beats, out_rr)
-                    for key, pred in (("raw", cls.classify(enc_raw.beats, raw_rr)), ("raw, judge", judge(enc_raw.beats, raw_rr))):
+                    reads = {"reclassified": cls.classify(enc.beats, out_rr)}
+                    raw_reads = {"raw": cls.classify(enc_raw.beats, raw_rr)}
+                    for j, read in judges.items():
+                        reads[f"reclassified, {j}"] = read(enc.beats, r, fs)
+                        raw_reads[f"raw, {j}"] = read(enc_raw.beats, ref_r, fs)
+                    for key, pred in raw_reads.items():
                         class_rows[key][0].extend(ref_cls)
                         class_rows[key][1].extend(AAMI_CLASSES[int(k)] for k in pred)
                     for k, p in enumerate(paired):
                         if p >= 0:
-                            for key, value in (("edge", labels[k]), ("reclassified", AAMI_CLASSES[int(again[k])]),
-                                               ("reclassified, judge", AAMI_CLASSES[int(again_judge[k])])):
+                            class_rows["edge"][0].append(ref_cls[p])
+                            class_rows["edge"][1].append(labels[k])
+                            for key, pred in reads.items():
                                 class_rows[key][0].append(ref_cls[p])
-                                class_rows[key][1].append(value)
+                                class_rows[key][1].append(AAMI_CLASSES[int(pred[k])])
         # Linkability: each half anonymized as a session of its own (fresh persona each).
         for part, (lo, hi) in enumerate(((0, half), (half, n))):
             sub = (ref_r >= lo) & (ref_r < hi)
@@ -252,11 +298,11 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
                 link[stream].append(Session(_encode_at(out, r, fs) if len(r) else np.empty((0, 99)), [], name))
         # Privacy-utility curve: the second half under each knob setting.
         for persona_spread, beat_spread in curve:
-            out, r, _ = _anonymize(x[half:], fs, gen, cls, 5000 + seed + i, persona_spread=persona_spread,
-                                   beat_spread=beat_spread)
+            out, r, _ = _anonymize(x[half:], fs, gen, cls, 5000 + seed + i, **{
+                **product_settings, "persona_spread": persona_spread, "beat_spread": beat_spread})
             if len(r):
                 paired = match_beats(ref_r[~first] - half, r, round(0.15 * fs))
-                again = judge(codec.encode(np.nan_to_num(out), r, fs).beats, rr_features(r, fs))
+                again = curve_judge(codec.encode(np.nan_to_num(out), r, fs).beats, r, fs)
                 ref_half = [c for c, f in zip(ref_cls, first) if not f]
                 pairs = [(ref_half[p], AAMI_CLASSES[int(again[k])]) for k, p in enumerate(paired) if p >= 0]
                 curve_parts[(persona_spread, beat_spread)].append(
@@ -281,9 +327,16 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
                          "rank1_beat": attacker.rank1(feats, who, 1), "macro_f1": _f1(ref_labels, pred)["macro"]})
     ds2 = load_records(records, data_dir, cache_dir)
     membership = {stream: _membership(generator, ds1, ds2, seed) for stream, (generator, _) in generators.items()}
+    if product_settings.get("redraw"):  # what the product emits: the generator behind the redraw
+        c = gen.contract
+        membership["product"] = generator_membership(
+            _guided(gen, cls, product_settings["redraw"],
+                    product_settings.get("redraw_classes", PipelineSettings().redraw_classes), seed),
+            c.persona_dim, c.beat_dim, ds1.rr.shape[1], ds1, ds2, seed)
     fidelity = _fidelity(ds2, ds1, emitted, seed)
     report = {
         "records": list(records), "minutes_per_record": minutes, "chance": 1.0 / len(records),
+        "product_settings": product_settings,
         "reidentification": reid, "linkability_auc": linkability, "membership_auc": membership,
         "streams": streams, "draws": draws, "fidelity_table": fidelity, "timing": timing, "hrv": hrv_rows, "detection_xqrs": detection, "tradeoff": tradeoff,
         "class_f1": {k: _f1(*v) for k, v in class_rows.items()},
@@ -428,6 +481,12 @@ def render(report: dict[str, Any]) -> str:
         return float(np.nanmean([abs(r["anonymized"][key] - r["reference"][key]) for r in hrv]))
 
     f1 = report["class_f1"]
+    judged = "".join(f", {_ratio(f1, f'reclassified, {j}', f'raw, {j}'):.1%} with the {j}"
+                     for j in ("judge", "features judge") if f"raw, {j}" in f1)
+    ps = report.get("product_settings") or {}
+    settings = (f" The product stream ran with {', '.join(f'{k} = {v}' for k, v in ps.items())}"
+                + (": the shipped classifier screened its surrogates, so its reclassified row is not an independent reading."
+                   if ps.get("redraw") else ".")) if ps else ""
     f1_rows = "\n".join(
         f"| {k} | " + " | ".join(f"{f1[k].get(c, float('nan')):.3f}" for c in ("N", "S", "V", "F")) + f" | {f1[k]['macro']:.3f} |"
         for k in f1)
@@ -474,9 +533,10 @@ Per-class F1 against the reference labels:
 `reclassified`: the shipped classifier re-run on the emitted (anonymized) beats. `, judge`: the
 same with the judge, a classifier trained on the same real DS1 beats with another seed, which no
 generator is ever trained against (the generator's optional class-consistency term trains it
-against a classifier, which would make that classifier's reading of the surrogates flattering). Class kept (target >= 95 %): reclassified macro F1 over
-raw macro F1 is {_ratio(f1, 'reclassified', 'raw'):.1%} with the shipped classifier and
-{_ratio(f1, 'reclassified, judge', 'raw, judge'):.1%} with the judge.
+against a classifier, which would make that classifier's reading of the surrogates flattering). `, features judge`:
+a classic feature-based classifier (`trainer.feature_judge`: RR intervals and morphology samples),
+sharing nothing with the shipped classifier but the DS1 training beats. Class kept (target >= 95 %):
+reclassified macro F1 over raw macro F1 is {_ratio(f1, 'reclassified', 'raw'):.1%} with the shipped classifier{judged}.{settings}
 
 ![10 s strips](strips.png)
 
