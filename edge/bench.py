@@ -76,8 +76,8 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
     """One run of ``streams`` wearables for ``seconds`` (after the warm-up).
 
     ``arrivals="staggered"``: each wearable joins at its own time in the first ``JOIN_S`` and its
-    frames arrive on its own phase (wearables are not synchronised), and the pipeline steps on the live service's fixed ``tick_s`` schedule
-    (``EdgeService._tick``): at each tick the frames that have arrived are fed, stamped with their
+    frames arrive on its own phase (wearables are not synchronised), and the pipeline steps on the
+    live service's fixed ``tick_s`` schedule (``EdgeService._tick``): at each tick the frames that have arrived are fed, stamped with their
     arrival time, and one step runs. The clock is simulated time advanced by the compute's CPU time
     (this thread's, so another process taking the core does not count as ours), so a core that
     cannot keep up falls behind and the latency shows it. ``arrivals="lockstep"``: every
@@ -110,7 +110,8 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
     latency: list[float] = []
     beats0 = cpu0 = wall0 = None
     fed0 = 0
-    clock = next_at = tick_s if arrivals == "staggered" else frame_s
+    period = tick_s if arrivals == "staggered" else frame_s  # the service's tick, or one step per frame
+    clock = next_at = period
     while True:
         clock = max(clock, next_at)  # idle until the tick is due
         if clock > end_s:
@@ -136,7 +137,7 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
         if beats0 is not None:
             latency.extend(v + in_step for v in metrics.recent_latency)
         metrics.recent_latency.clear()
-        next_at = max(next_at + (tick_s if arrivals == "staggered" else frame_s), clock)
+        next_at = max(next_at + period, clock)
     cpu = time.process_time() - cpu0
     wall = time.perf_counter() - wall0
     gc.unfreeze()  # the next run's streams are not this run's

@@ -345,21 +345,20 @@ class Anonymizer:
                 reason = "codec"
                 beats = _encode(ready, batch, self.spec)
                 reason = "classifier"
-                labels[idx] = self.classifier.classify(beats[idx], _columns(rr[idx], self.classifier.contract.rr_features))
+                cls_rr = _columns(rr[idx], self.classifier.contract.rr_features)
+                labels[idx] = self.classifier.classify(beats[idx], cls_rr)
                 reason = "generator"
                 personas = np.concatenate([np.broadcast_to(s.persona.latent, (len(r.r), s.persona.latent.size))
                                            for _, s, r in ready])[idx]
                 z = self.settings.beat_spread * self.rng.standard_normal((idx.size, self.generator.contract.beat_dim))
                 gen_rr = _columns(rr[idx], self.generator.contract.rr_features)
-                surrogates = self.generator.generate(personas, z, labels[idx], gen_rr)
-                if surrogates.shape != (idx.size, self.spec.length) or not np.isfinite(surrogates).all():
-                    raise RuntimeError(f"generator returned {surrogates.shape} with non-finite values")
+                surrogates = _checked(self.generator.generate(personas, z, labels[idx], gen_rr), idx.size, self.spec.length)
                 if self.settings.redraw > 0:
                     reason = "redraw"
                     guarded = [self.spec_classes().index(c) for c in self.settings.redraw_classes
                                if c in self.spec_classes()]
                     tries = redraw(self.generator, self.classifier, surrogates, personas, labels[idx], gen_rr,
-                                   _columns(rr[idx], self.classifier.contract.rr_features), self.settings.redraw,
+                                   cls_rr, self.settings.redraw,
                                    guarded, lambda k: self.settings.beat_spread * self._redraw_rng.standard_normal(
                                        (k, self.generator.contract.beat_dim)))
                     if tries.hit:
@@ -387,6 +386,13 @@ class Anonymizer:
             if dropped:
                 self.metrics.late_beats.inc(dropped)
             lo = hi
+
+
+def _checked(surrogates: np.ndarray, n: int, length: int) -> np.ndarray:
+    """The generator's output, if it is ``n`` finite beats of ``length`` samples (else it failed)."""
+    if surrogates.shape != (n, length) or not np.isfinite(surrogates).all():
+        raise RuntimeError(f"generator returned {surrogates.shape} with non-finite values")
+    return surrogates
 
 
 @dataclass(frozen=True)
@@ -428,9 +434,8 @@ def redraw(generator: GeneratorSession, classifier: ClassifierSession, surrogate
             break
         k = todo[open_]
         rows += k.size
-        cand = generator.generate(personas[k], draw_z(k.size), labels[k], gen_rr[k])
-        if cand.shape != (k.size, surrogates.shape[1]) or not np.isfinite(cand).all():
-            raise RuntimeError(f"generator returned {cand.shape} with non-finite values")
+        cand = _checked(generator.generate(personas[k], draw_z(k.size), labels[k], gen_rr[k]), k.size,
+                        surrogates.shape[1])
         m = _margin(classifier, cand, cls_rr[k], labels[k])
         better = m > best[open_]
         surrogates[k[better]] = cand[better]
