@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ from edge.splicer import Splicer
 from edge.window import SampleWindow
 
 log = logging.getLogger(__name__)
+
+#: np.sum without its wrapper (a frame's sum is the cheapest all-finite test: about a third of
+#: ``np.isfinite(x).sum()`` on a 100 ms frame, and the edge makes it once per frame per stream).
+_add = np.add.reduce
 
 #: RR context the stream keeps for each beat, in seconds (same definitions as the trainer's).
 RR_FEATURES = ("pre_rr", "local_rr", "long_rr")
@@ -109,8 +114,11 @@ class BeatStream:
         """Take the next input samples (mV; NaN marks bad ones) into the queue for the detector.
         Returns how many were bad."""
         x = np.asarray(samples, dtype=np.float64)
-        bad = ~np.isfinite(x)
-        n_bad = int(bad.sum())
+        if math.isfinite(_add(x)):  # every sample is finite (a sum that overflows takes the full check)
+            n_bad = 0
+        else:
+            bad = ~np.isfinite(x)
+            n_bad = int(bad.sum())
         if n_bad:
             x = x.copy()
             for a, b in _runs(bad):

@@ -27,6 +27,7 @@ from trainer.generator import (
     GeneratorConfig,
     SetCritic,
     SetSampler,
+    augment_sets,
     canonical,
     fit_generator,
     generator_contract,
@@ -224,6 +225,42 @@ def test_rr_normalisation_is_log_rate_and_prematurity() -> None:
     assert torch.all(torch.isfinite(out))  # clamped, not log(0)
 
 
+def test_inference_form_is_the_same_function(structured: BeatGenerator) -> None:
+    """Each block's upsampling and convolution folded into one polyphase convolution: same beats,
+    the ends included (where the upsampling repeats edge samples), and no upsampling left."""
+    fast = structured.inference_form()
+    assert not any(isinstance(m, torch.nn.Upsample) for m in fast.modules())
+    x = _inputs(64, 3)
+    with torch.no_grad():
+        slow, quick = structured(**x), fast(**x)
+        block, poly = structured.blocks[0], fast.blocks[0]
+        h = torch.randn(5, block.conv.in_channels, 12)
+        cond = torch.randn(5, block.film.in_features)
+        # block by block, before the amplitude rule can magnify rounding
+        np.testing.assert_allclose(poly(h, cond).numpy(), block(h, cond).numpy(), atol=1e-5, rtol=1e-5)
+    assert float((slow - quick).abs().max()) < 1e-4
+    assert structured.blocks[0].conv.weight.shape[-1] == 5  # the trained module is left as it was
+
+
+def test_set_augmentation_makes_one_new_person_per_set(train: BeatSet) -> None:
+    """Population augmentation: every beat of a set moved the same way, sets moved differently,
+    the QRS and the codec's rules kept."""
+    beats = torch.from_numpy(np.ascontiguousarray(train.beats[:48])).view(6, 8, -1)
+    torch.manual_seed(1)
+    out = augment_sets(beats, 0.15, 0.3)
+    assert out.shape == beats.shape and torch.isfinite(out).all()
+    r, h = DEFAULT_SPEC.pre, DEFAULT_SPEC.amplitude_n
+    np.testing.assert_allclose(out[:, :, r - h : r + h + 1].abs().amax(dim=2).numpy(), 1.0, atol=1e-6)  # codec amplitude
+    np.testing.assert_allclose(out[:, :, r].numpy(), beats[:, :, r].numpy(), atol=0.05)  # R stays on R
+    change = (out - beats).abs().mean(dim=2)  # (sets, beats)
+    assert float(change.min()) > 1e-3  # every beat moved
+    # A set's transform is one person's: the same record's beats move alike within a set.
+    same = augment_sets(beats[:1].expand(2, 8, -1).contiguous(), 0.15, 0.3)
+    assert not torch.allclose(same[0], same[1])  # two sets of the same beats: two people
+    torch.manual_seed(1)
+    assert torch.equal(augment_sets(beats, 0.0, 0.0), canonical(beats.reshape(48, -1)).view(6, 8, -1))
+
+
 @pytest.mark.filterwarnings(LEGACY_EXPORT_WARNINGS[0])
 @pytest.mark.filterwarnings(LEGACY_EXPORT_WARNINGS[1])
 def test_onnx_export_matches_torch(structured: BeatGenerator) -> None:
@@ -253,7 +290,11 @@ def test_export_satisfies_the_edge_contract(structured: BeatGenerator, tmp_path:
 
     gen = structured
     result = export_model(gen, generator_contract(gen, "ab" * 32), tmp_path / "generator.onnx")
-    assert result.max_abs_error < 1e-4
+    assert result.max_abs_error < 1e-4  # the exported polyphase form against the trained module
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(result.path)).graph.node}
+    assert "Resize" not in ops and "Expand" not in ops, ops
     session = GeneratorSession(result.path)
     assert session.contract.persona_dim == TINY.persona_dim and session.contract.beat_dim == TINY.beat_dim
     x = _inputs(7, 9)

@@ -24,8 +24,8 @@ MODELS = Path(__file__).resolve().parents[1] / "edge" / "assets" / "models"
 
 
 class _ConvNet(nn.Module):
-    """The shapes of the shipped nets: conv-BN-ReLU-pool chains, linear x2 upsampling, the
-    generator's edge padding, leaky ReLU."""
+    """The shapes of the shipped nets: conv-BN-ReLU-pool chains, the generator's edge padding
+    and its 5-tap convolutions, leaky ReLU."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -35,7 +35,6 @@ class _ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.trunk(x[:, None, :])  # (N, 8, 25) from 101 samples: the odd length drops one in the pool
-        h = F.interpolate(h, scale_factor=2.0, mode="linear", align_corners=False)
         h = F.leaky_relu(self.up(_edge_pad(h, 2)), 0.2)
         return h.flatten(1)
 
@@ -58,7 +57,7 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 
 def _one_d_ops(model: onnx.ModelProto) -> list[str]:
-    """Conv/MaxPool nodes still 1-D, and Resize nodes: what the rewrite must remove."""
+    """Conv/MaxPool nodes still 1-D, and Resize nodes: what must not reach the edge."""
     weights = {i.name: i for i in model.graph.initializer}
     left = []
     for n in model.graph.node:
@@ -79,7 +78,7 @@ def test_rewrite_keeps_the_function_and_removes_every_slow_op() -> None:
         net.trunk[1].running_var.uniform_(0.5, 2.0)
     before = _export(net)
     after = for_cpu_kernels(before)
-    assert len(_one_d_ops(before)) == 6  # 2 conv + 2 pool in the trunk, the up conv, the resize
+    assert len(_one_d_ops(before)) == 5  # 2 conv + 2 pool in the trunk, the last conv
     assert _one_d_ops(after) == []
     # The conv - ReLU - pool chain stays 2-D: one squeeze for the trunk and one for the up conv.
     ops = Counter(n.op_type for n in after.graph.node)
@@ -93,23 +92,6 @@ def test_rewrite_keeps_the_function_and_removes_every_slow_op() -> None:
             expected = net(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(_run(after, x), _run(before, x), atol=1e-5)
         np.testing.assert_allclose(_run(after, x), expected, atol=1e-5)
-
-
-def test_linear_upsampling_matches_torch_at_the_edges() -> None:
-    """Half-pixel centres repeat the edge samples: the first and last outputs equal the input's."""
-
-    class Up(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.interpolate(x[:, None, :], scale_factor=2.0, mode="linear", align_corners=False)[:, 0]
-
-    model = for_cpu_kernels(_export(Up()))
-    assert "Resize" not in {n.op_type for n in model.graph.node}
-    x = np.random.default_rng(1).standard_normal((3, 101)).astype(np.float32)
-    y = _run(model, x)
-    with torch.no_grad():
-        np.testing.assert_allclose(y, Up()(torch.from_numpy(x)).numpy(), atol=1e-6)
-    np.testing.assert_array_equal(y[:, 0], x[:, 0])
-    np.testing.assert_array_equal(y[:, -1], x[:, -1])
 
 
 @pytest.mark.parametrize("name", ["classifier", "generator"])

@@ -30,7 +30,8 @@ the persona, the class embedding and the RR features: the persona steers the sha
 while ``z`` enters only at the stem. RR normalisation (log of the rate, log of prematurity) is
 inside ``forward``, and so are the codec's baseline and amplitude rules (``canonical``): every
 surrogate is a beat the codec could have emitted, with its R deflection where the codec puts it.
-All of it exports to plain ONNX ops (Gemm, Conv, Resize, TopK, ReduceMax, elementwise).
+All of it exports to plain ONNX ops (Gemm, Conv, Pad, TopK, ReduceMax, elementwise); the exported
+form folds each block's upsampling into its convolution (``BeatGenerator.inference_form``).
 
 **Loss.** Hinge loss with spectral normalisation in every critic layer (Miyato et al. 2018): the
 usual stable recipe for conditional GANs and, unlike WGAN-GP, no second backward pass, which
@@ -111,6 +112,13 @@ class GeneratorConfig:
     #: the surrogates against their conditioning class (0: off). Needs ``classifier_run``.
     class_weight: float = 0.0
     classifier_run: str = ""  # classifier run directory (runs/classifier/NNN) whose model judges the class
+    #: Population augmentation of the real sets the critic sees (0: off). Each set gets its own
+    #: time stretch about R by up to ``subject_warp`` and its own log-normal gains (sd
+    #: ``wave_gain``) on the P and T regions, the same for every beat of the set, so a set still
+    #: looks like one person but not like one of the training subjects: the generator learns
+    #: people between and around them instead of the 22 themselves (membership inference).
+    subject_warp: float = 0.0
+    wave_gain: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.focus_probs) != len(AAMI_CLASSES) or not math.isclose(sum(self.focus_probs), 1.0):
@@ -123,6 +131,8 @@ class GeneratorConfig:
             raise ValueError("set_size must be at least 2 (the critic judges spread within a set)")
         if self.sets_per_batch % self.critic_group:
             raise ValueError("critic_group must divide sets_per_batch (groups never mix real and fake sets)")
+        if not (0 <= self.subject_warp < 1) or self.wave_gain < 0:
+            raise ValueError("subject_warp must be in [0, 1) and wave_gain >= 0")
         if self.class_weight < 0 or (self.class_weight > 0 and not self.classifier_run):
             raise ValueError("class_weight must be >= 0, and a positive class_weight needs classifier_run")
 
@@ -157,6 +167,39 @@ class _FiLMBlock(nn.Module):
         return F.leaky_relu(x * (1.0 + gamma) + beta, 0.2)
 
 
+class _PolyphaseFiLMBlock(nn.Module):
+    """A trained ``_FiLMBlock`` as the edge runs it: linear x2 upsampling, edge padding and the
+    5-tap convolution are one 5-tap convolution at the input rate with two output phases.
+
+    With half-pixel centres, upsampled sample ``2m`` is ``0.25 x[m-1] + 0.75 x[m]`` and ``2m+1``
+    is ``0.75 x[m] + 0.25 x[m+1]`` (ends repeated), so a convolution over the upsampled signal is,
+    for each output phase, a convolution over ``x[m-2..m+2]`` with weights mixed from the original
+    five. Same function (to float rounding), no upsampled intermediate, and onnxruntime runs one
+    convolution instead of a pad, four multiply-adds and an interleave per block.
+    """
+
+    def __init__(self, block: _FiLMBlock) -> None:
+        super().__init__()
+        w, b = block.conv.weight.detach(), block.conv.bias.detach()
+        w0, w1, w2, w3, w4 = w.unbind(-1)
+        zero = torch.zeros_like(w0)
+        even = torch.stack([0.25 * w0, 0.75 * (w0 + w1) + 0.25 * w2, 0.25 * (w1 + w4) + 0.75 * (w2 + w3),
+                            0.25 * w3 + 0.75 * w4, zero], dim=-1)
+        odd = torch.stack([zero, 0.75 * w0 + 0.25 * w1, 0.25 * (w0 + w3) + 0.75 * (w1 + w2),
+                           0.25 * w2 + 0.75 * (w3 + w4), 0.25 * w4], dim=-1)
+        c_out, c_in, k = w.shape
+        self.conv = nn.Conv1d(c_in, 2 * c_out, k)
+        self.conv.weight.data.copy_(torch.stack([even, odd], dim=1).reshape(2 * c_out, c_in, k))  # channel 2c + phase
+        self.conv.bias.data.copy_(b.repeat_interleave(2))
+        self.film = block.film
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        y = self.conv(_edge_pad(x, 2))  # (B, 2 c_out, L)
+        y = y.unflatten(1, (-1, 2)).transpose(2, 3).flatten(2)  # phases interleaved: (B, c_out, 2L)
+        gamma, beta = self.film(cond).unsqueeze(-1).chunk(2, dim=1)
+        return F.leaky_relu(y * (1.0 + gamma) + beta, 0.2)
+
+
 class BeatGenerator(nn.Module):
     """Canonical surrogate beats from (persona, z, class, RR); see the module docstring."""
 
@@ -183,6 +226,13 @@ class BeatGenerator(nn.Module):
         for block in self.blocks:
             x = block(x, cond)
         return canonical(self.out(_edge_pad(x, 2)).squeeze(1))
+
+    def inference_form(self) -> BeatGenerator:
+        """A copy computing the same function the way the edge should run it (what is exported):
+        each block's upsampling and convolution as one polyphase convolution."""
+        fast = copy.deepcopy(self).eval()
+        fast.blocks = nn.ModuleList(_PolyphaseFiLMBlock(b) for b in fast.blocks)
+        return fast
 
 
 def _segment_median(x: torch.Tensor) -> torch.Tensor:
@@ -342,6 +392,31 @@ def _critic_loss(cfg: GeneratorConfig, critic: nn.Module, real: tuple[torch.Tens
     return loss, {"d_real": d_real.mean().item(), "d_fake": d_fake.mean().item(), **extra}
 
 
+#: Canonical-beat regions of ``augment_sets``: the QRS (kept) spans this many samples either side of
+#: R; the P and T gains ramp in over ``_RAMP`` samples beyond it.
+_QRS_HALF, _RAMP = 10, 8
+
+
+def augment_sets(beats: torch.Tensor, warp: float, wave_gain: float) -> torch.Tensor:
+    """(S, k, L) real sets, each transformed as one new person: time stretch about R, P and T
+    wave gains; then the codec's baseline and amplitude rules again (``canonical``)."""
+    s, k, n = beats.shape
+    dev = beats.device
+    r = DEFAULT_SPEC.pre
+    t = torch.arange(n, device=dev, dtype=beats.dtype)
+    stretch = 1.0 + warp * (2 * torch.rand(s, 1, 1, device=dev) - 1)
+    pos = ((t - r) / stretch + r).clamp(0, n - 1)  # (S, 1, L)
+    lo = pos.floor().long().clamp(0, n - 2)
+    frac = (pos - lo).expand(s, k, n)
+    lo = lo.expand(s, k, n)
+    x = torch.gather(beats, 2, lo) * (1 - frac) + torch.gather(beats, 2, lo + 1) * frac
+    gain_p, gain_t = torch.exp(wave_gain * torch.randn(2, s, 1, 1, device=dev))
+    before = ((r - _QRS_HALF - t) / _RAMP).clamp(0, 1)  # 1 in the P region, 0 in the QRS
+    after = ((t - r - _QRS_HALF) / _RAMP).clamp(0, 1)  # 1 in the T region
+    x = x * (1 + (gain_p - 1) * before + (gain_t - 1) * after)
+    return canonical(x.reshape(s * k, n)).view(s, k, n)
+
+
 def _fake_sets(generator: nn.Module, cfg: GeneratorConfig, label: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
     """One persona per set, one z per beat, the real sets' labels and RR: (S, k, L) beats."""
     s, k = label.shape
@@ -408,7 +483,10 @@ def fit_generator(train: BeatSet, run: Run, cfg: GeneratorConfig = GeneratorConf
 
     def real_sets() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = torch.from_numpy(sampler.sample(cfg.sets_per_batch)).to(device)
-        return beats_all[idx], labels_all[idx], rr_all[idx]
+        beats = beats_all[idx]
+        if cfg.subject_warp > 0 or cfg.wave_gain > 0:
+            beats = augment_sets(beats, cfg.subject_warp, cfg.wave_gain)
+        return beats, labels_all[idx], rr_all[idx]
 
     def generator_sets() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         idx = torch.from_numpy(sampler.sample(cfg.sets_per_batch)).to(device)

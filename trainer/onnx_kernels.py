@@ -12,14 +12,12 @@ onnxruntime's CPU provider (measured with its profiler on the shipped models):
 - **Edge padding written as slices, expands and a concat** (``torch.cat`` of repeated end
   samples, with the shape arithmetic the exporter adds for ``expand(-1, -1, n)``): one ``Pad``
   in ``edge`` mode does the same copy.
-- **Linear ``Resize`` by 2** (``F.interpolate(..., mode="linear", align_corners=False)``):
-  onnxruntime's generic resize costs about half of the generator. With half-pixel centres each
-  output sample is ``0.75 x[i] + 0.25 x[i -/+ 1]`` (edge samples repeated), which is a pad, two
-  multiply-adds and an interleave.
 
 Both keep the function (the export's parity check against torch holds them to it); the floating
 point order differs, by about 1e-6. Written here because neither torch's exporter nor
-onnxruntime's graph optimizer makes these rewrites, and onnx itself has no such pass.
+onnxruntime's graph optimizer makes these rewrites, and onnx itself has no such pass. (The
+generator's linear x2 upsampling, the third slow op, never reaches the graph: it is folded into
+the convolution after it before export, ``BeatGenerator.inference_form``.)
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ _ELEMENTWISE = frozenset({"Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh"})  # on
 
 
 def for_cpu_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with 1-D Conv/MaxPool as 2-D ops and linear x2 Resize as arithmetic."""
+    """A copy of ``model`` with 1-D Conv/MaxPool as 2-D ops and torch's edge padding as one Pad."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
     inits = {i.name: i for i in g.initializer}
@@ -45,8 +43,6 @@ def for_cpu_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
     for k, node in enumerate(g.node):
         if node.op_type in ("Conv", "MaxPool") and _is_1d(node, inits):
             nodes += _as_2d(g, node, inits, axis, f"_cpu{k}")
-        elif node.op_type == "Resize" and _is_linear_x2(node, inits):
-            nodes += _linear_x2(g, node, f"_cpu{k}")
         elif node.op_type == "Concat" and (n := _edge_pad_width(node, producers, inits)):
             pads = _const(g, f"_cpu{k}_pads", np.array([0, 0, n, 0, 0, n], dtype=np.int64))
             nodes.append(helper.make_node("Pad", [node.input[1], pads], list(node.output), mode="edge"))
@@ -98,40 +94,6 @@ def _as_2d(g: onnx.GraphProto, node: onnx.NodeProto, inits: dict[str, onnx.Tenso
     return [helper.make_node("Unsqueeze", [node.input[0], axis], [p + "_in"]),
             helper.make_node(node.op_type, inputs, [p + "_out"], **attrs),
             helper.make_node("Squeeze", [p + "_out", axis], list(node.output))]
-
-
-def _is_linear_x2(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
-    attrs = _attrs(node)
-    if attrs.get("mode") != b"linear" or attrs.get("coordinate_transformation_mode") != b"half_pixel":
-        return False
-    if len(node.input) != 3 or node.input[2] not in inits:  # scales given, sizes not
-        return False
-    scales = numpy_helper.to_array(inits[node.input[2]])
-    return scales.shape == (3,) and np.array_equal(scales, [1.0, 1.0, 2.0])
-
-
-def _linear_x2(g: onnx.GraphProto, node: onnx.NodeProto, p: str) -> list[onnx.NodeProto]:
-    """Linear x2 upsampling of (N, C, L), half-pixel centres: output ``2i`` is ``0.75 x[i] +
-    0.25 x[i-1]`` and ``2i+1`` is ``0.75 x[i] + 0.25 x[i+1]``, edge samples repeated."""
-    x = node.input[0]
-    i64 = lambda v: np.array(v, dtype=np.int64)
-    ax = _const(g, p + "_ax", i64([2]))
-    last = _const(g, p + "_ax3", i64([3]))
-    make = helper.make_node
-    return [
-        make("Pad", [x, _const(g, p + "_pads", i64([0, 0, 1, 0, 0, 1]))], [p + "_pad"], mode="edge"),
-        make("Slice", [p + "_pad", _const(g, p + "_s0", i64([0])), _const(g, p + "_e0", i64([-2])), ax], [p + "_prev"]),
-        make("Slice", [p + "_pad", _const(g, p + "_s1", i64([2])), _const(g, p + "_e1", i64([2**62])), ax], [p + "_next"]),
-        make("Mul", [x, _const(g, p + "_w0", np.float32(0.75))], [p + "_mid"]),
-        make("Mul", [p + "_prev", _const(g, p + "_w1", np.float32(0.25))], [p + "_prev_w"]),
-        make("Mul", [p + "_next", p + "_w1"], [p + "_next_w"]),
-        make("Add", [p + "_mid", p + "_prev_w"], [p + "_even"]),
-        make("Add", [p + "_mid", p + "_next_w"], [p + "_odd"]),
-        make("Unsqueeze", [p + "_even", last], [p + "_even4"]),
-        make("Unsqueeze", [p + "_odd", last], [p + "_odd4"]),
-        make("Concat", [p + "_even4", p + "_odd4"], [p + "_pairs"], axis=3),
-        make("Reshape", [p + "_pairs", _const(g, p + "_shape", i64([0, 0, -1]))], list(node.output)),
-    ]
 
 
 def _edge_pad_width(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto],
