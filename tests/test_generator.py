@@ -8,6 +8,7 @@ resumes exactly where it stopped, and the ONNX graph computes what torch compute
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import warnings
@@ -28,6 +29,7 @@ from trainer.generator import (
     SetCritic,
     SetSampler,
     augment_sets,
+    blend_sets,
     canonical,
     fit_generator,
     generator_contract,
@@ -175,6 +177,15 @@ def test_wgan_gp_alternative_trains(train: BeatSet, tmp_path: Path) -> None:
     assert np.all(np.isfinite(sample_beats(gen, [0, 2], np.full((2, 2), 0.8), rng=np.random.default_rng(0))))
 
 
+def test_population_augmentation_trains(train: BeatSet, tmp_path: Path) -> None:
+    """Blended, stretched and re-weighted real sets reach the critic, and training stays finite."""
+    cfg = dataclasses.replace(TINY, steps=2, subject_mix=(0.2, 0.5), subject_warp=0.15, wave_gain=0.3)
+    gen = fit_generator(train, Run(dir=tmp_path, progress_bar=False), cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["d_loss"]) and np.isfinite(r["g_loss"]) for r in rows)
+    assert np.all(np.isfinite(sample_beats(gen, [0, 2], np.full((2, 2), 0.8), rng=np.random.default_rng(0))))
+
+
 def test_set_sampler_keeps_sets_within_one_record(train: BeatSet) -> None:
     sampler = SetSampler(train, TINY, np.random.default_rng(0))
     sets = sampler.sample(200)
@@ -259,6 +270,26 @@ def test_set_augmentation_makes_one_new_person_per_set(train: BeatSet) -> None:
     assert not torch.allclose(same[0], same[1])  # two sets of the same beats: two people
     torch.manual_seed(1)
     assert torch.equal(augment_sets(beats, 0.0, 0.0), canonical(beats.reshape(48, -1)).view(6, 8, -1))
+
+
+def test_subject_blend_pairs_each_set_with_one_other_subject(train: BeatSet) -> None:
+    """Each set's partner beats come from one other subject and match the set's classes beat by
+    beat; the blend stays within the share asked for."""
+    sampler = SetSampler(train, dataclasses.replace(TINY, subject_mix=(0.2, 0.5)), np.random.default_rng(0))
+    idx = sampler.sample(12)
+    partner = sampler.partners(idx)
+    who = subjects(train.record)
+    paired = partner[:, 0] >= 0
+    assert paired.sum() >= 6
+    for i in np.flatnonzero(paired):
+        assert len(set(who[partner[i]])) == 1 and who[partner[i][0]] != who[idx[i][0]]
+        np.testing.assert_array_equal(train.labels[partner[i]], train.labels[idx[i]])
+    beats = torch.from_numpy(np.ascontiguousarray(train.beats))
+    out = blend_sets(beats[idx], beats, torch.from_numpy(partner), (0.3, 0.3))
+    expected = canonical((0.7 * beats[idx[paired]] + 0.3 * beats[partner[paired]]).reshape(-1, beats.shape[1]))
+    np.testing.assert_allclose(out[paired].reshape(-1, beats.shape[1]).numpy(), expected.numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="subject_mix"):
+        GeneratorConfig(subject_mix=(0.6, 0.7))
 
 
 @pytest.mark.filterwarnings(LEGACY_EXPORT_WARNINGS[0])

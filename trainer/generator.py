@@ -119,6 +119,10 @@ class GeneratorConfig:
     #: people between and around them instead of the 22 themselves (membership inference).
     subject_warp: float = 0.0
     wave_gain: float = 0.0
+    #: Blend of two subjects per real set (0, 0: off): every beat of a set is mixed with a beat of
+    #: the same class from one other subject, that subject's share drawn per set from this range,
+    #: so the critic's "people" lie between the training subjects rather than on them.
+    subject_mix: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         if len(self.focus_probs) != len(AAMI_CLASSES) or not math.isclose(sum(self.focus_probs), 1.0):
@@ -133,6 +137,9 @@ class GeneratorConfig:
             raise ValueError("critic_group must divide sets_per_batch (groups never mix real and fake sets)")
         if not (0 <= self.subject_warp < 1) or self.wave_gain < 0:
             raise ValueError("subject_warp must be in [0, 1) and wave_gain >= 0")
+        object.__setattr__(self, "subject_mix", tuple(float(v) for v in self.subject_mix))
+        if len(self.subject_mix) != 2 or not (0 <= self.subject_mix[0] <= self.subject_mix[1] <= 0.5):
+            raise ValueError(f"subject_mix must be a range (low, high) within [0, 0.5], got {self.subject_mix}")
         if self.class_weight < 0 or (self.class_weight > 0 and not self.classifier_run):
             raise ValueError("class_weight must be >= 0, and a positive class_weight needs classifier_run")
 
@@ -352,9 +359,30 @@ class SetSampler:
         if probs.sum() == 0:
             raise ValueError("the training set has no beats")
         self.focus_probs = probs / probs.sum()
+        self._subject_of = subject
+        self._by_subject_class = {r: {c: idx[train.labels[idx] == c] for c in np.unique(train.labels[idx]).tolist()}
+                                  for r, idx in self.by_record.items()}
+        self._classes_of = {r: set(by) for r, by in self._by_subject_class.items()}
         missing = [AAMI_CLASSES[c] for c in range(len(AAMI_CLASSES)) if not present[c]]
         if missing:
             log.warning("no training beats of class %s: the generator cannot learn them", ", ".join(missing))
+
+    def partners(self, idx: np.ndarray) -> np.ndarray:
+        """For (n_sets, set_size) indices, a beat of the same class from one other subject per set
+        (``subject_mix``); a set whose classes no other subject has all of keeps itself (-1 rows)."""
+        labels = self.train.labels[idx]
+        out = np.full(idx.shape, -1, dtype=np.int64)
+        subject = self._subject_of[idx[:, 0]]
+        for i in range(len(idx)):
+            need = set(labels[i].tolist())
+            options = [r for r, have in self._classes_of.items() if r != subject[i] and need <= have]
+            if not options:
+                continue
+            other = options[int(self.rng.integers(len(options)))]
+            for j, c in enumerate(labels[i].tolist()):
+                pool = self._by_subject_class[other][c]
+                out[i, j] = pool[int(self.rng.integers(len(pool)))]
+        return out
 
     def sample(self, n_sets: int) -> np.ndarray:
         """(n_sets, set_size) indices into the training set."""
@@ -415,6 +443,17 @@ def augment_sets(beats: torch.Tensor, warp: float, wave_gain: float) -> torch.Te
     after = ((t - r - _QRS_HALF) / _RAMP).clamp(0, 1)  # 1 in the T region
     x = x * (1 + (gain_p - 1) * before + (gain_t - 1) * after)
     return canonical(x.reshape(s * k, n)).view(s, k, n)
+
+
+def blend_sets(beats: torch.Tensor, beats_all: torch.Tensor, partner: torch.Tensor,
+               share: tuple[float, float]) -> torch.Tensor:
+    """(S, k, L) real sets, each blended with its partner beats (``SetSampler.partners``; -1: none)
+    at one share per set drawn from ``share``, then the codec's rules again (``canonical``)."""
+    s, k, n = beats.shape
+    lo, hi = share
+    w = (lo + (hi - lo) * torch.rand(s, 1, 1, device=beats.device)) * (partner >= 0).unsqueeze(-1)
+    other = beats_all[partner.clamp_min(0)]
+    return canonical(((1 - w) * beats + w * other).reshape(s * k, n)).view(s, k, n)
 
 
 def _fake_sets(generator: nn.Module, cfg: GeneratorConfig, label: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
@@ -482,8 +521,11 @@ def fit_generator(train: BeatSet, run: Run, cfg: GeneratorConfig = GeneratorConf
     rr_judge = torch.from_numpy(np.ascontiguousarray(train.rr[:, :3])).to(device) if judge is not None else None
 
     def real_sets() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        idx = torch.from_numpy(sampler.sample(cfg.sets_per_batch)).to(device)
+        picked = sampler.sample(cfg.sets_per_batch)
+        idx = torch.from_numpy(picked).to(device)
         beats = beats_all[idx]
+        if cfg.subject_mix[1] > 0:
+            beats = blend_sets(beats, beats_all, torch.from_numpy(sampler.partners(picked)).to(device), cfg.subject_mix)
         if cfg.subject_warp > 0 or cfg.wave_gain > 0:
             beats = augment_sets(beats, cfg.subject_warp, cfg.wave_gain)
         return beats, labels_all[idx], rr_all[idx]
