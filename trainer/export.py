@@ -34,8 +34,11 @@ from trainer.onnx_kernels import for_cpu_kernels
 log = logging.getLogger(__name__)
 
 OPSET = 18
-#: Parity bound between torch and onnxruntime (float32 arithmetic in a different order).
-PARITY_TOLERANCE = 1e-4
+#: Parity bound between torch and onnxruntime (float32 arithmetic in a different order). A
+#: generator's beats end in the codec's amplitude rule, a division by the R deflection, which
+#: magnifies rounding: the same graph in torch and onnxruntime differs by up to 1.2e-4 on a
+#: generator whose beats reach |x| of several units.
+PARITY_TOLERANCE = 2e-4
 
 
 _LEGACY_EXPORT_WARNINGS = (
