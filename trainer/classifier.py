@@ -315,6 +315,17 @@ def sampling_weights(labels: np.ndarray, power: float) -> np.ndarray:
     return w / w.sum()
 
 
+def sample_at(beats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``beats`` (..., L) read at fractional sample positions ``pos`` (broadcast to ``beats``'
+    shape) by linear interpolation, positions clamped to the beat: time warps about R."""
+    n = beats.shape[-1]
+    pos = pos.clamp(0, n - 1)
+    lo = pos.floor().long().clamp(0, n - 2)
+    frac = (pos - lo).expand(beats.shape)
+    lo = lo.expand(beats.shape)
+    return torch.gather(beats, -1, lo) * (1 - frac) + torch.gather(beats, -1, lo + 1) * frac
+
+
 def augment_batch(
     beats: torch.Tensor, rr: torch.Tensor, gen: torch.Generator, warp: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,10 +336,7 @@ def augment_batch(
     # and stretch or squeeze time about R by up to ``warp`` (wave durations differ between people).
     shift = torch.randint(-2, 3, (b, 1), generator=gen).float()
     stretch = 1.0 + warp * (2 * u(b, 1) - 1)
-    pos = ((torch.arange(n).float().unsqueeze(0) - R_INDEX) / stretch + R_INDEX - shift).clamp(0, n - 1)
-    lo = pos.floor().long().clamp(0, n - 2)
-    frac = pos - lo.float()
-    x = torch.gather(beats, 1, lo) * (1 - frac) + torch.gather(beats, 1, lo + 1) * frac
+    x = sample_at(beats, (torch.arange(n).float().unsqueeze(0) - R_INDEX) / stretch + R_INDEX - shift)
     x = x * (0.85 + 0.3 * u(b, 1))  # amplitude
     t = torch.linspace(-1.0, 1.0, n).unsqueeze(0)
     x = x + 0.05 * (u(b, 1) - 0.5) * t + 0.03 * (u(b, 1) - 0.5)  # baseline tilt and offset

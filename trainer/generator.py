@@ -64,6 +64,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from edge.codec import DEFAULT_SPEC
 from edge.records import AAMI_CLASSES
+from trainer.classifier import sample_at
 from trainer.dataset import BeatSet
 from trainer.fidelity import mean_pairwise_rms
 from trainer.runs import Run, seed_everything, unwrap
@@ -436,11 +437,7 @@ def augment_sets(beats: torch.Tensor, warp: float, wave_gain: float) -> torch.Te
     r = DEFAULT_SPEC.pre
     t = torch.arange(n, device=dev, dtype=beats.dtype)
     stretch = 1.0 + warp * (2 * torch.rand(s, 1, 1, device=dev) - 1)
-    pos = ((t - r) / stretch + r).clamp(0, n - 1)  # (S, 1, L)
-    lo = pos.floor().long().clamp(0, n - 2)
-    frac = (pos - lo).expand(s, k, n)
-    lo = lo.expand(s, k, n)
-    x = torch.gather(beats, 2, lo) * (1 - frac) + torch.gather(beats, 2, lo + 1) * frac
+    x = sample_at(beats, (t - r) / stretch + r)  # one stretch per set
     gain_p, gain_t = torch.exp(wave_gain * torch.randn(2, s, 1, 1, device=dev))
     before = ((r - _QRS_HALF - t) / _RAMP).clamp(0, 1)  # 1 in the P region, 0 in the QRS
     after = ((t - r - _QRS_HALF) / _RAMP).clamp(0, 1)  # 1 in the T region
