@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import wfdb
 from fake_polar import FakePolarH10, Script
+from leak import assert_no_raw_sample
 
 from edge.anonymize import load_models
 from edge.ble import Backoff, PolarH10Source
@@ -201,7 +202,7 @@ async def test_mqtt_wearable_to_anonymized_topics_through_mosquitto(mosquitto, s
     assert sum(len(s) for _, s in samples) == len(x)  # every sample accounted for, none twice
     assert [seq for seq, _ in samples] == list(np.cumsum([0] + [len(s) for _, s in samples[:-1]]))
     out = np.array([v for _, s in samples for v in s], dtype=float)
-    assert not np.any(out == np.round(x, 4))
+    assert_no_raw_sample(out, x)
     assert sum(len(b["beats"]) for b in received["beats"]) > 40
 
 
@@ -286,3 +287,17 @@ def test_fleet_benchmark_counts_every_frame_through_mosquitto(tmp_path: Path) ->
     assert bench_fleet.main(args) == 0
     text = out.read_text()
     assert "every anonymized frame delivered" in text and "| sessions online / ended / complete | 5 / 5 / 5 of 5 |" in text
+
+
+def test_a_pass_through_is_caught() -> None:
+    """The leak check itself: a chance-level output passes; 1 % of the input in one piece fails,
+    and so does a splice of three input samples."""
+    rng = np.random.default_rng(0)
+    raw = np.round(rng.normal(0, 0.5, 10_000), 3)
+    out = np.round(rng.normal(0, 0.5, 10_000), 4)
+    assert_no_raw_sample(out, raw)
+    for start, n in [(5_000, 100), (200, 3)]:
+        leaky = out.copy()
+        leaky[start : start + n] = raw[start : start + n]
+        with pytest.raises(AssertionError, match="equal the input"):
+            assert_no_raw_sample(leaky, raw)
