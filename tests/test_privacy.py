@@ -90,6 +90,13 @@ def test_evaluate_writes_a_report_on_the_committed_slices(tmp_path: Path) -> Non
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["reidentification"]["raw"]["rank1_beat"] > 0.9  # the attacker is strong on real beats
     assert report["reidentification"]["product"]["rank1_beat"] < report["reidentification"]["raw"]["rank1_beat"]
+    product = report["reidentification"]["product"]  # one figure per persona draw, then their mean and its error
+    assert len(product["draws"]) == report["draws"] == 6 and abs(product["rank1_beat"] - np.mean(product["draws"])) < 1e-12
+    assert product["rank1_beat_se"] > 0 and 0.0 <= report["linkability_auc"]["product"] <= 1.0
+    assert "Product minus twin" in (tmp_path / "report.md").read_text()
+    raw = report["reidentification"]["raw"]  # the rhythm is kept, the shape is not
+    assert abs(product["rank1_beat_rhythm"] - raw["rank1_beat_rhythm"]) < 0.05
+    assert product["rank1_beat_shape"] < raw["rank1_beat_shape"] - 0.3
     assert all(row["se"] > 99 for row in report["timing"])
     assert set(report["membership_auc"]) == {"product", "twin"}
     assert all(0.0 <= v <= 1.0 for v in report["membership_auc"].values())

@@ -34,6 +34,7 @@ from edge.records import AAMI_CLASSES, AAMI_OF_SYMBOL, DS1, DS2, read_record
 from edge.scoring import match_beats, score_beats
 from trainer.dataset import BeatSet, load_records, rr_features
 from trainer.privacy import (
+    FEATURE_VIEWS,
     NearestNeighbourAttacker,
     beat_features,
     linkability_auc,
@@ -80,6 +81,13 @@ class Session:
     features: np.ndarray
     labels: list[str]  # AAMI class of each beat (reference, matched)
     subject: str
+    draw: int = 0  # which persona draw (every record has one session per draw)
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean over persona draws and its standard error (0 for one draw)."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
 def _encode_at(signal: np.ndarray, r: np.ndarray, fs: float) -> np.ndarray:
@@ -175,15 +183,18 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
              seed: int = 0, cache_dir: str | None = ".cache/beats",
              training_records: tuple[str, ...] = DS1, baseline_run: str | Path | None = None,
              curve: tuple[tuple[float, float], ...] = CURVE, detect_with_xqrs: bool = True,
-             draws: int = 3, judge_run: str | Path | None = None, judge_config: Any = None,
+             draws: int = 6, link_draws: int = 3, judge_run: str | Path | None = None, judge_config: Any = None,
              product_settings: dict[str, Any] | None = None, recipe_judge: bool = True,
              feature_judge: bool = False) -> dict[str, Any]:
     """Run the evaluation and write ``report.md`` and ``report.json`` into ``output_dir``.
 
     ``training_records`` are the generator's training records: the rhythm twin's beat shapes and
     the membership attack's members come from them; the evaluated records are the non-members.
-    Each anonymized stream is run ``draws`` times per record (a fresh persona each): one persona
-    per record makes re-identification figures swing by several points.
+    Re-identification: the second half of each record is anonymized ``draws`` times per stream
+    (a fresh persona each), linkability ``link_draws`` times; the report gives the mean over draws
+    and its standard error, since one persona per record makes these figures swing by points
+    (rank-1 of one draw over DS2: sd 2.2 points). The whole excerpt is anonymized once more (one
+    session) for timing, classes, fidelity and the strips.
 
     Classes of the emitted beats are read by the shipped classifier and by a *judge*: a second
     classifier trained on the same real DS1 beats with another seed (``judge_run``, or trained
@@ -248,54 +259,53 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
         enrol_x.append(feats[first])
         enrol_who += [name] * int(first.sum())
         halves["raw"].append(Session(feats[~first], [c for c, f in zip(ref_cls, first) if not f], name))
-        # Each generator over the whole excerpt (one session each), tested on the second half.
         for stream, (generator, extra) in generators.items():
+            # Re-identification: the second half as a session of its own, once per persona draw.
             for draw in range(draws):
-                out, r, labels = _anonymize(x, fs, generator, cls, seed + i + 7919 * draw, **extra)
-                sel = r >= half
-                halves[stream].append(Session(_encode_at(out, r[sel], fs) if sel.any() else np.empty((0, 99)),
-                                              [], name))
-                if draw:
-                    continue
-                if i == 0:
-                    strip = strip or {"record": name, "fs": fs, "raw": x}
-                    strip[stream] = out
-                enc = codec.encode(np.nan_to_num(out), r, fs)
-                emitted[stream][0].append(enc.beats)
-                emitted[stream][1].append(np.array([AAMI_CLASSES.index(c) for c in labels], dtype=np.int64))
-                if stream == "product":
-                    s = score_beats(ref_r, r, fs)
-                    paired = match_beats(ref_r, r, round(0.15 * fs))
-                    offsets = np.array([r[k] - ref_r[p] for k, p in enumerate(paired) if p >= 0])
-                    timing.append({"record": name, "se": s.sensitivity, "ppv": s.positive_predictivity,
-                                   "within_1_sample_of_reference": float(np.mean(np.abs(offsets) <= 1)),
-                                   "median_abs_offset_samples": float(np.median(np.abs(offsets)))})
-                    hrv_rows.append({"record": name, "reference": _hrv(ref_r, fs), "anonymized": _hrv(r, fs)})
-                    if detect_with_xqrs:
-                        detection.append({"record": name, **_xqrs_score(out, ref_r, fs)})
-                    out_rr = rr_features(r, fs)
-                    reads = {"reclassified": cls.classify(enc.beats, out_rr)}
-                    raw_reads = {"raw": cls.classify(enc_raw.beats, raw_rr)}
-                    for j, read in judges.items():
-                        reads[f"reclassified, {j}"] = read(enc.beats, r, fs)
-                        raw_reads[f"raw, {j}"] = read(enc_raw.beats, ref_r, fs)
-                    for key, pred in raw_reads.items():
-                        class_rows[key][0].extend(ref_cls)
-                        class_rows[key][1].extend(AAMI_CLASSES[int(k)] for k in pred)
-                    for k, p in enumerate(paired):
-                        if p >= 0:
-                            class_rows["edge"][0].append(ref_cls[p])
-                            class_rows["edge"][1].append(labels[k])
-                            for key, pred in reads.items():
-                                class_rows[key][0].append(ref_cls[p])
-                                class_rows[key][1].append(AAMI_CLASSES[int(pred[k])])
-        # Linkability: each half anonymized as a session of its own (fresh persona each).
+                out, r, _ = _anonymize(x[half:], fs, generator, cls, seed + i + 7919 * (draw + 1), **extra)
+                halves[stream].append(Session(_encode_at(out, r, fs) if len(r) else np.empty((0, 99)), [], name, draw))
+            # Everything else: the whole excerpt, one session.
+            out, r, labels = _anonymize(x, fs, generator, cls, seed + i, **extra)
+            if i == 0:
+                strip = strip or {"record": name, "fs": fs, "raw": x}
+                strip[stream] = out
+            enc = codec.encode(np.nan_to_num(out), r, fs)
+            emitted[stream][0].append(enc.beats)
+            emitted[stream][1].append(np.array([AAMI_CLASSES.index(c) for c in labels], dtype=np.int64))
+            if stream == "product":
+                s = score_beats(ref_r, r, fs)
+                paired = match_beats(ref_r, r, round(0.15 * fs))
+                offsets = np.array([r[k] - ref_r[p] for k, p in enumerate(paired) if p >= 0])
+                timing.append({"record": name, "se": s.sensitivity, "ppv": s.positive_predictivity,
+                               "within_1_sample_of_reference": float(np.mean(np.abs(offsets) <= 1)),
+                               "median_abs_offset_samples": float(np.median(np.abs(offsets)))})
+                hrv_rows.append({"record": name, "reference": _hrv(ref_r, fs), "anonymized": _hrv(r, fs)})
+                if detect_with_xqrs:
+                    detection.append({"record": name, **_xqrs_score(out, ref_r, fs)})
+                out_rr = rr_features(r, fs)
+                reads = {"reclassified": cls.classify(enc.beats, out_rr)}
+                raw_reads = {"raw": cls.classify(enc_raw.beats, raw_rr)}
+                for j, read in judges.items():
+                    reads[f"reclassified, {j}"] = read(enc.beats, r, fs)
+                    raw_reads[f"raw, {j}"] = read(enc_raw.beats, ref_r, fs)
+                for key, pred in raw_reads.items():
+                    class_rows[key][0].extend(ref_cls)
+                    class_rows[key][1].extend(AAMI_CLASSES[int(k)] for k in pred)
+                for k, p in enumerate(paired):
+                    if p >= 0:
+                        class_rows["edge"][0].append(ref_cls[p])
+                        class_rows["edge"][1].append(labels[k])
+                        for key, pred in reads.items():
+                            class_rows[key][0].append(ref_cls[p])
+                            class_rows[key][1].append(AAMI_CLASSES[int(pred[k])])
+        # Linkability: each half anonymized as a session of its own (fresh persona each), per draw.
         for part, (lo, hi) in enumerate(((0, half), (half, n))):
             sub = (ref_r >= lo) & (ref_r < hi)
             link["raw"].append(Session(feats[sub], [], name))
             for stream, (generator, extra) in generators.items():
-                out, r, _ = _anonymize(x[lo:hi], fs, generator, cls, 1000 * (part + 1) + seed + i, **extra)
-                link[stream].append(Session(_encode_at(out, r, fs) if len(r) else np.empty((0, 99)), [], name))
+                for draw in range(link_draws):
+                    out, r, _ = _anonymize(x[lo:hi], fs, generator, cls, 1000 * (part + 1) + seed + i + 7919 * draw, **extra)
+                    link[stream].append(Session(_encode_at(out, r, fs) if len(r) else np.empty((0, 99)), [], name, draw))
         # Privacy-utility curve: the second half under each knob setting.
         for persona_spread, beat_spread in curve:
             out, r, _ = _anonymize(x[half:], fs, gen, cls, 5000 + seed + i, **{
@@ -308,15 +318,30 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
                 curve_parts[(persona_spread, beat_spread)].append(
                     (_encode_at(out, r, fs), name, [a for a, _ in pairs], [b for _, b in pairs]))
         log.info("evaluated %s (%d/%d)", name, i + 1, len(records))
-    attacker = NearestNeighbourAttacker.enrol(np.concatenate(enrol_x), np.array(enrol_who))
-    reid = {}
+    enrolled = np.concatenate(enrol_x)
+    attacker = NearestNeighbourAttacker.enrol(enrolled, np.array(enrol_who))
+    # The same attacker on the beat's shape alone and on its RR context alone.
+    partial = {view: (cols, NearestNeighbourAttacker.enrol(enrolled[:, cols], np.array(enrol_who)))
+               for view, cols in FEATURE_VIEWS.items() if view != "all"}
+    reid, linkability, linkability_se = {}, {}, {}
     for stream in streams:
-        sessions = [s for s in halves[stream] if len(s.features)]
-        feats = np.concatenate([s.features for s in sessions])
-        who = np.concatenate([[s.subject] * len(s.features) for s in sessions])
-        reid[stream] = {"rank1_beat": attacker.rank1(feats, who, 1), "rank1_10_beats": attacker.rank1(feats, who, 10)}
-    linkability = {stream: linkability_auc([s.features for s in link[stream]], [s.subject for s in link[stream]])
-                   for stream in streams}
+        per_draw: dict[str, list[float]] = {"rank1_beat": [], "rank1_10_beats": [],
+                                            **{f"rank1_beat_{view}": [] for view in partial}}
+        for draw in sorted({s.draw for s in halves[stream]}):
+            sessions = [s for s in halves[stream] if len(s.features) and s.draw == draw]
+            feats = np.concatenate([s.features for s in sessions])
+            who = np.concatenate([[s.subject] * len(s.features) for s in sessions])
+            per_draw["rank1_beat"].append(attacker.rank1(feats, who, 1))
+            per_draw["rank1_10_beats"].append(attacker.rank1(feats, who, 10))
+            for view, (cols, part) in partial.items():
+                per_draw[f"rank1_beat_{view}"].append(part.rank1(feats[:, cols], who, 1))
+        reid[stream] = {"draws": per_draw["rank1_beat"]}
+        for key, values in per_draw.items():
+            reid[stream][key], reid[stream][f"{key}_se"] = _mean_se(values)
+        aucs = [linkability_auc([s.features for s in link[stream] if s.draw == draw],
+                                [s.subject for s in link[stream] if s.draw == draw])
+                for draw in sorted({s.draw for s in link[stream]})]
+        linkability[stream], linkability_se[stream] = _mean_se(aucs)
     tradeoff = []
     for (persona_spread, beat_spread), parts in curve_parts.items():
         feats = np.concatenate([p[0] for p in parts])
@@ -337,8 +362,8 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
     report = {
         "records": list(records), "minutes_per_record": minutes, "chance": 1.0 / len(records),
         "product_settings": product_settings,
-        "reidentification": reid, "linkability_auc": linkability, "membership_auc": membership,
-        "streams": streams, "draws": draws, "fidelity_table": fidelity, "timing": timing, "hrv": hrv_rows, "detection_xqrs": detection, "tradeoff": tradeoff,
+        "reidentification": reid, "linkability_auc": linkability, "linkability_auc_se": linkability_se,
+        "membership_auc": membership, "streams": streams, "draws": draws, "link_draws": link_draws, "fidelity_table": fidelity, "timing": timing, "hrv": hrv_rows, "detection_xqrs": detection, "tradeoff": tradeoff,
         "class_f1": {k: _f1(*v) for k, v in class_rows.items()},
         "seconds": time.monotonic() - t0,
     }
@@ -461,9 +486,23 @@ def render(report: dict[str, Any]) -> str:
     """The Markdown report."""
     chance = report["chance"]
     reid, link = report["reidentification"], report["linkability_auc"]
+    link_se = report.get("linkability_auc_se", {})
+
+    def pm(value: float, se: float | None, scale: float = 100.0, digits: int = 1) -> str:
+        return f"{scale * value:.{digits}f}" + (f" ± {scale * se:.{digits}f}" if se else "")
+
     rows = "\n".join(
-        f"| {s} | {100 * reid[s]['rank1_beat']:.1f} % | {100 * reid[s]['rank1_10_beats']:.1f} % | "
-        f"{reid[s]['rank1_beat'] / chance:.1f}x | {link[s]:.3f} |" for s in report["streams"])
+        f"| {s} | {pm(reid[s]['rank1_beat'], reid[s].get('rank1_beat_se'))} % | "
+        f"{pm(reid[s]['rank1_10_beats'], reid[s].get('rank1_10_beats_se'))} % | "
+        f"{reid[s]['rank1_beat'] / chance:.1f}x | {pm(link[s], link_se.get(s), 1.0, 3)} | "
+        + " | ".join(f"{pm(reid[s][k], reid[s].get(f'{k}_se'))} %" if k in reid[s] else "–"
+                     for k in ("rank1_beat_shape", "rank1_beat_rhythm")) + " |" for s in report["streams"])
+    versus_twin = ""
+    if "product" in reid and "twin" in reid:
+        gap = reid["product"]["rank1_beat"] - reid["twin"]["rank1_beat"]
+        gap_se = float(np.hypot(reid["product"].get("rank1_beat_se", 0.0), reid["twin"].get("rank1_beat_se", 0.0)))
+        versus_twin = (f" Product minus twin, single beats: {100 * gap:+.1f} ± {100 * gap_se:.1f} points"
+                       f" (target: no higher than the twin within that noise, DESIGN.md).")
     mem = report["membership_auc"]
     membership = ", ".join(f"{k} AUC {v:.3f}" for k, v in mem.items()) if isinstance(mem, dict) else f"AUC {mem:.3f}"
     det = report.get("detection_xqrs") or []
@@ -501,13 +540,18 @@ each (channel 0), shipped models. Took {report['seconds'] / 60:.1f} min.
 Chance is {100 * chance:.1f} %. Linkability: each half anonymized as its own session; AUC of
 "same person" over pairs of sessions (0.5 = cannot tell).
 
-| stream | rank-1, single beats | rank-1, 10-beat windows | vs chance | linkability AUC |
-|---|---|---|---|---|
+| stream | rank-1, single beats | rank-1, 10-beat windows | vs chance | linkability AUC | rank-1, shape alone | rank-1, RR alone |
+|---|---|---|---|---|---|---|
 {rows}
 
-Each anonymized stream ran {report.get('draws', 1)} time(s) per record with a fresh persona each time; with one
-persona per record the rank-1 figures swing by several points (compare the trade-off table's
-persona 1 / beat 1 row below: the same setting, one more draw).
+Mean ± standard error over persona draws: the second half of every record was anonymized
+{report.get('draws', 1)} times per stream as a session of its own, each half {report.get('link_draws', 1)} times for
+linkability, with a fresh persona each time (one persona per record makes the figures swing by
+points). Targets: rank-1 <= 2x chance ({200 * chance:.1f} %), linkability <= 0.55.{versus_twin}
+The last two columns are the same attacker on part of each beat's features: its shape and
+amplitude alone, and its two RR intervals alone. The output keeps every R-peak at its instant
+(promise 2), so what RR alone gives is open to anyone who reads the output, for any
+timing-preserving anonymizer; the shape column is what the surrogates themselves carry.
 
 Membership inference (nearest generated beat; DS1 training beats as members, DS2 beats as
 non-members; target <= 0.55): {membership}. The twin's "generator" is five DS1 class-mean beats

@@ -23,6 +23,14 @@ from scipy.stats import rankdata
 _CHUNK = 512
 
 
+#: The last columns of :func:`beat_features`: the beat's RR context (the rest: shape and amplitude).
+#: Attackers on either part alone split identity into what the rhythm carries (kept on purpose,
+#: DESIGN.md) and what the beat's shape carries (what the surrogates must not).
+RHYTHM_COLUMNS = 2
+FEATURE_VIEWS: dict[str, slice] = {"all": slice(None), "shape": slice(0, -RHYTHM_COLUMNS),
+                                   "rhythm": slice(-RHYTHM_COLUMNS, None)}
+
+
 def beat_features(beats: np.ndarray, scale: np.ndarray, rr: np.ndarray) -> np.ndarray:
     """(n, 96 + 1 + 2) features: every other canonical sample, log amplitude, log pre/local RR."""
     beats = np.asarray(beats, dtype=np.float64)
