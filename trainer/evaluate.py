@@ -598,7 +598,9 @@ signal, labelled with the class the edge gave them), against the real DS2 beats.
 
 The second half of every record anonymized again under each setting of the persona and per-beat
 latent scales; re-identification by the same attacker, utility as the macro F1 of the judge
-on the emitted beats.
+on the emitted beats. One draw per setting, the same latents scaled: the points compare with
+each other, but one draw's rank-1 lies a couple of points either side of the mean over draws
+(the table above), so the curve's level is not the product's figure.
 
 | persona spread | beat spread | rank-1, single beats | macro F1 |
 |---|---|---|---|
