@@ -14,13 +14,12 @@ import time
 
 import numpy as np
 
-from edge import codec
 from edge.anonymize import anonymize_signal, load_models
 from edge.pipeline import Anonymizer, PipelineSettings
-from edge.records import AAMI_CLASSES, DS1, DS2, read_record
-from trainer.dataset import load_records, rr_features
-from trainer.evaluate import RhythmTwin
-from trainer.privacy import FEATURE_VIEWS, NearestNeighbourAttacker, beat_features
+from edge.records import DS1, DS2, read_record
+from trainer.dataset import load_records
+from trainer.evaluate import RhythmTwin, attack_features
+from trainer.privacy import FEATURE_VIEWS, NearestNeighbourAttacker
 
 
 class RateFree:
@@ -39,8 +38,7 @@ class RateFree:
 
 data, draws, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 gen, cls = load_models()
-ds1 = load_records(DS1, data, ".cache/beats")
-twin = RhythmTwin(gen.contract, np.stack([ds1.beats[ds1.labels == k].mean(axis=0) for k in range(len(AAMI_CLASSES))]))
+twin = RhythmTwin.of(gen.contract, load_records(DS1, data, ".cache/beats"))
 
 
 def stream(name: str):
@@ -57,16 +55,14 @@ for i, record in enumerate(DS2):
     n = min(len(rec.signal), round(600 * rec.fs))
     x, fs, half = rec.signal[:n], rec.fs, n // 2
     r = rec.beat_samples[rec.beat_samples < n]
-    enc = codec.encode(x, r, fs)
-    enrol.append(beat_features(enc.beats, enc.scale, rr_features(r, fs))[r < half])
+    enrol.append(attack_features(x, r, fs)[r < half])
     who += [record] * int((r < half).sum())
     for name in names:
         generator, settings = stream(name)
         for draw in range(draws):
             anonymizer = Anonymizer(generator, cls, PipelineSettings(seed=i + 7919 * draw, **settings))
             out = anonymize_signal(x[half:], fs, anonymizer)
-            e = codec.encode(np.nan_to_num(out.signal), out.beat_samples, fs)
-            test[name].append((beat_features(e.beats, e.scale, rr_features(out.beat_samples, fs)), record, draw))
+            test[name].append((attack_features(out.signal, out.beat_samples, fs), record, draw))
 print(f"anonymized in {time.time() - t0:.0f} s")
 enrolled, who = np.concatenate(enrol), np.array(who)
 for view, cols in FEATURE_VIEWS.items():
@@ -75,8 +71,7 @@ for view, cols in FEATURE_VIEWS.items():
         feats = np.concatenate([f for f, _, _ in test[name]])[:, cols]
         subject = np.concatenate([[s] * len(f) for f, s, _ in test[name]])
         draw = np.concatenate([[d] * len(f) for f, _, d in test[name]])
-        distances = attacker.distances(feats)  # (sets attacker.labels)
-        guess = attacker.labels[distances.argmin(axis=1)]
+        guess = attacker.labels[attacker.distances(feats).argmin(axis=1)]
         per_draw = np.array([np.mean(guess[draw == d] == subject[draw == d]) for d in range(draws)])
         print(f"{view:6s} {name:14s} rank-1 {100 * per_draw.mean():5.1f} % (sd {100 * per_draw.std(ddof=1):.1f} "
               f"over {draws} draws, se {100 * per_draw.std(ddof=1) / np.sqrt(draws):.1f})")

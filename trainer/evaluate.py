@@ -56,6 +56,12 @@ class RhythmTwin:
         self.templates = templates.astype(np.float32)
         self.sha256 = "rhythm-twin"
 
+    @classmethod
+    def of(cls, contract: Any, beats: BeatSet) -> RhythmTwin:
+        """The twin whose beat of each class is that class's mean beat in ``beats`` (zeros if none)."""
+        return cls(contract, np.stack([beats.beats[beats.labels == k].mean(axis=0) if (beats.labels == k).any()
+                                       else np.zeros(beats.beats.shape[1]) for k in range(len(AAMI_CLASSES))]))
+
     def generate(self, persona: np.ndarray, z: np.ndarray, label: np.ndarray, rr: np.ndarray) -> np.ndarray:
         return self.templates[np.asarray(label)]
 
@@ -90,7 +96,8 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
-def _encode_at(signal: np.ndarray, r: np.ndarray, fs: float) -> np.ndarray:
+def attack_features(signal: np.ndarray, r: np.ndarray, fs: float) -> np.ndarray:
+    """The attacker's features (``beat_features``) of the beats at ``r`` in an emitted signal."""
     enc = codec.encode(np.nan_to_num(signal), r, fs)
     return beat_features(enc.beats, enc.scale, rr_features(r, fs))
 
@@ -227,9 +234,7 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
     curve_judge = judges.get("judge") or judges.get("features judge")
     if curve_judge is None:
         curve = ()
-    templates = np.stack([ds1.beats[ds1.labels == k].mean(axis=0) if (ds1.labels == k).any()
-                          else np.zeros(ds1.beats.shape[1]) for k in range(len(AAMI_CLASSES))])
-    twin = RhythmTwin(gen.contract, templates)
+    twin = RhythmTwin.of(gen.contract, ds1)
     generators: dict[str, tuple[Any, dict[str, Any]]] = {"product": (gen, product_settings),
                                                         "twin": (twin, {"persona_spread": 0.0})}
     if baseline_run is not None:
@@ -265,7 +270,7 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
             # Re-identification: the second half as a session of its own, once per persona draw.
             for draw in range(draws if stream == "product" else min(draws, reference_draws)):
                 out, r, _ = _anonymize(x[half:], fs, generator, cls, seed + i + 7919 * (draw + 1), **extra)
-                halves[stream].append(Session(_encode_at(out, r, fs) if len(r) else np.empty((0, 99)), [], name, draw))
+                halves[stream].append(Session(attack_features(out, r, fs) if len(r) else np.empty((0, 99)), [], name, draw))
             # Everything else: the whole excerpt, one session.
             out, r, labels = _anonymize(x, fs, generator, cls, seed + i, **extra)
             if i == 0:
@@ -307,7 +312,7 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
             for stream, (generator, extra) in generators.items():
                 for draw in range(link_draws):
                     out, r, _ = _anonymize(x[lo:hi], fs, generator, cls, 1000 * (part + 1) + seed + i + 7919 * draw, **extra)
-                    link[stream].append(Session(_encode_at(out, r, fs) if len(r) else np.empty((0, 99)), [], name, draw))
+                    link[stream].append(Session(attack_features(out, r, fs) if len(r) else np.empty((0, 99)), [], name, draw))
         # Privacy-utility curve: the second half under each knob setting.
         for persona_spread, beat_spread in curve:
             out, r, _ = _anonymize(x[half:], fs, gen, cls, 5000 + seed + i, **{
@@ -318,7 +323,7 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
                 ref_half = [c for c, f in zip(ref_cls, first) if not f]
                 pairs = [(ref_half[p], AAMI_CLASSES[int(again[k])]) for k, p in enumerate(paired) if p >= 0]
                 curve_parts[(persona_spread, beat_spread)].append(
-                    (_encode_at(out, r, fs), name, [a for a, _ in pairs], [b for _, b in pairs]))
+                    (attack_features(out, r, fs), name, [a for a, _ in pairs], [b for _, b in pairs]))
         log.info("evaluated %s (%d/%d)", name, i + 1, len(records))
     enrolled = np.concatenate(enrol_x)
     attacker = NearestNeighbourAttacker.enrol(enrolled, np.array(enrol_who))
@@ -333,8 +338,9 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
             sessions = [s for s in halves[stream] if len(s.features) and s.draw == draw]
             feats = np.concatenate([s.features for s in sessions])
             who = np.concatenate([[s.subject] * len(s.features) for s in sessions])
-            per_draw["rank1_beat"].append(attacker.rank1(feats, who, 1))
-            per_draw["rank1_10_beats"].append(attacker.rank1(feats, who, 10))
+            single, ten = attacker.rank1_windows(feats, who, (1, 10))
+            per_draw["rank1_beat"].append(single)
+            per_draw["rank1_10_beats"].append(ten)
             for view, (cols, part) in partial.items():
                 per_draw[f"rank1_beat_{view}"].append(part.rank1(feats[:, cols], who, 1))
         reid[stream] = {"draws": per_draw["rank1_beat"]}

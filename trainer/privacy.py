@@ -60,11 +60,15 @@ class NearestNeighbourAttacker:
         mean, std = features.mean(axis=0), features.std(axis=0) + 1e-6
         return cls((features - mean) / std, subjects, mean, std)
 
+    @property
+    def labels(self) -> np.ndarray:
+        """The enrolled subjects, in the column order of :meth:`distances`."""
+        return np.unique(self.subjects)
+
     def distances(self, features: np.ndarray) -> np.ndarray:
         """(n, subjects) distance from each test beat to the nearest enrolled beat of each subject."""
         z = (np.asarray(features, dtype=np.float64) - self.mean) / self.std
         labels, index = np.unique(self.subjects, return_inverse=True)
-        self.labels = labels
         out = np.empty((len(z), len(labels)))
         norms = (self.features**2).sum(axis=1)
         for lo in range(0, len(z), _CHUNK):
@@ -77,16 +81,22 @@ class NearestNeighbourAttacker:
     def rank1(self, features: np.ndarray, subjects: np.ndarray, window: int = 1) -> float:
         """Share of test windows (``window`` consecutive beats of one subject, summed distances)
         whose nearest subject is the right one."""
+        return self.rank1_windows(features, subjects, (window,))[0]
+
+    def rank1_windows(self, features: np.ndarray, subjects: np.ndarray, windows: tuple[int, ...]) -> list[float]:
+        """:meth:`rank1` for each window length, from one distance matrix."""
         subjects = np.asarray(subjects)
-        d = self.distances(features)
-        hits = total = 0
-        for s in np.unique(subjects):
-            rows = d[subjects == s]
-            for lo in range(0, len(rows) - window + 1, window):
-                guess = self.labels[np.argmin(rows[lo : lo + window].sum(axis=0))]
-                hits += guess == s
-                total += 1
-        return hits / total if total else float("nan")
+        d, labels = self.distances(features), self.labels
+        out = []
+        for window in windows:
+            hits = total = 0
+            for s in np.unique(subjects):
+                rows = d[subjects == s]
+                for lo in range(0, len(rows) - window + 1, window):
+                    hits += labels[np.argmin(rows[lo : lo + window].sum(axis=0))] == s
+                    total += 1
+            out.append(hits / total if total else float("nan"))
+        return out
 
 
 def auc(positive: np.ndarray, negative: np.ndarray) -> float:
