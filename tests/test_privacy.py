@@ -100,8 +100,14 @@ def test_evaluate_writes_a_report_on_the_committed_slices(tmp_path: Path) -> Non
     assert all(row["se"] > 99 for row in report["timing"])
     assert set(report["membership_auc"]) == {"product", "twin"}
     assert all(0.0 <= v <= 1.0 for v in report["membership_auc"].values())
+    draws = report["membership_draws"]["product"]  # several attack draws, their mean and its error
+    assert len(draws) == 10 and len(set(draws)) > 1 and abs(report["membership_auc"]["product"] - np.mean(draws)) < 1e-12
+    links = report["linkability_views"]  # timing links the product's sessions as it links the raw ones
+    assert links["product"]["all"] == report["linkability_auc"]["product"]
+    assert abs(links["product"]["rhythm"] - links["raw"]["rhythm"]) < 0.1, links
     assert all(d["se"] > 95 for d in report["detection_xqrs"])  # an independent detector finds the surrogates
-    assert len(report["tradeoff"]) == 2 and (tmp_path / "tradeoff.png").stat().st_size > 0
+    assert len(report["tradeoff"]) == 2 and all(p["draws"] == 3 for p in report["tradeoff"])
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
     assert (tmp_path / "strips.png").stat().st_size > 0
     f1 = report["class_f1"]  # the class each surrogate carries scores as the classifier does on real beats
     assert abs(f1["edge"]["N"] - f1["raw"]["N"]) < 0.05 and abs(f1["edge"]["macro"] - f1["raw"]["macro"]) < 0.1

@@ -135,6 +135,8 @@ def test_memorisation_sweep_writes_its_table(runs: dict[str, Path]) -> None:
     report = json.loads((out_dir / "memorisation.json").read_text())
     assert [r["steps"] for r in report["rows"]] == [2, 4] and report["hold_out"] == ["119"]
     assert all(0.0 <= r["membership_auc"] <= 1.0 for r in report["rows"])
+    assert all(len(r["membership_draws"]) == 10 and r["membership_auc"] == np.mean(r["membership_draws"])
+               for r in report["rows"])  # the mean over attack draws
     assert 0.0 <= report["class_mean_reference_auc"] <= 1.0
     assert "| 4 |" in (out_dir / "memorisation.md").read_text()
     bad = subprocess.run([sys.executable, "-m", "trainer.cli", "memorisation", "--hold-out", "100"],

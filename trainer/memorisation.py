@@ -8,7 +8,7 @@ here the way any hyper-parameter is: on a split of the training records. The gen
 DS1 minus ``hold_out``; after each of ``steps`` it is measured on
 
 * membership AUC: training-subject beats (members) against held-out-subject beats (non-members),
-  scored by their distance to the nearest generated beat (``trainer.evaluate.generator_membership``,
+  scored by their distance to the nearest generated beat (``trainer.evaluate.generator_membership_draws``,
   the attack of ``ecg-trainer evaluate``), with a class-mean "generator" on the same split as the
   no-memory reference (it shows how much of the AUC is the two groups simply being different people);
 * fidelity against the held-out subjects' real beats (Fréchet distance per class, TSTR), the same
@@ -50,11 +50,12 @@ def sweep(
     seed: int = 0,
     overrides: Sequence[str] = (),
     train_records: Sequence[str] | None = None,
+    membership_draws: int = 10,
 ) -> dict[str, Any]:
     """Train one generator on DS1 minus ``hold_out`` (or on ``train_records``) and measure it
-    after each of ``steps``."""
+    after each of ``steps``; the membership AUCs are means over ``membership_draws`` attack draws."""
     from trainer.dataset import load_records
-    from trainer.evaluate import generator_membership
+    from trainer.evaluate import generator_membership_draws
     from trainer.fidelity import fidelity_report
     from trainer.generator import surrogate_set
     from trainer.peer import torch_generate
@@ -76,8 +77,8 @@ def sweep(
         "data_dir": data_dir, "seed": seed, "train_records": list(train_records), "eval_records": list(hold_out)}))
     templates = np.stack([train.beats[train.labels == c].mean(axis=0) if np.any(train.labels == c)
                           else np.zeros(train.beats.shape[1], np.float32) for c in range(len(AAMI_CLASSES))])
-    reference = generator_membership(lambda p, z, label, rr: templates[label].astype(np.float32),
-                                     1, 1, 2, train, held, seed)
+    reference = float(np.mean(generator_membership_draws(lambda p, z, label, rr: templates[label].astype(np.float32),
+                                                         1, 1, 2, train, held, seed, membership_draws)))
     rows: list[dict[str, Any]] = []
     fit = task.fit_function()
     t0 = time.monotonic()
@@ -85,12 +86,13 @@ def sweep(
         ema = fit(train, run, dataclasses.replace(base, steps=n))
         seconds = time.monotonic() - t0
 
-        auc = generator_membership(functools.partial(torch_generate, ema), ema.persona_dim, ema.beat_dim, 2, train,
-                                   held, seed)
+        draws = generator_membership_draws(functools.partial(torch_generate, ema), ema.persona_dim, ema.beat_dim, 2,
+                                           train, held, seed, membership_draws)
+        auc = float(np.mean(draws))
         rng = np.random.default_rng(seed)
         fid = fidelity_report(held, train, {"gan": (surrogate_set(ema, held, rng), held.labels)}, seed=seed,
                               include_reference=False)["models"]["gan"]
-        row = {"steps": n, "train_seconds": round(seconds, 1), "membership_auc": auc,
+        row = {"steps": n, "train_seconds": round(seconds, 1), "membership_auc": auc, "membership_draws": draws,
                "frechet": {c: fid["per_class"][c].get("frechet") for c in AAMI_CLASSES},
                "copy_rate": {c: fid["per_class"][c].get("copy_rate") for c in AAMI_CLASSES},
                "tstr_accuracy": fid["tstr"]["accuracy"], "tstr_macro_f1": fid["tstr"]["macro_f1"]}
@@ -127,7 +129,8 @@ def render(report: dict[str, Any]) -> str:
         "",
         (f"Trained on DS1 without {', '.join(report['hold_out'])}; members are beats of the "
         f"{len(report['train_records'])} training subjects, non-members beats of the held-out ones. "
-        "Membership AUC: a beat scores higher the closer its nearest generated beat (target <= 0.55). "
+        "Membership AUC: a beat scores higher the closer its nearest generated beat (target <= 0.55; "
+        "mean over attack draws). "
         f"A class-mean 'generator' (nothing to memorise) scores {report['class_mean_reference_auc']:.3f} "
         "on the same split. Fréchet distances and TSTR are against the held-out subjects' real beats; "
          "copy rate: share of surrogates closer to a training beat than 95% of held-out beats are."),
