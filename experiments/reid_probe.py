@@ -6,7 +6,9 @@ or its RR context alone.
 
 Streams: ``product`` (shipped models), ``twin`` (one DS1 class-mean beat per class), ``product-pS``
 (persona spread S), ``rate-free`` (the generator given each beat's prematurity at a fixed 75 bpm,
-so its shape cannot follow the heart rate) and ``rate-free-pS``.
+so its shape cannot follow the heart rate), ``rate-free-pS``, and ``rate-clipped`` (the
+generator's local RR clipped to DS1's 5th-95th percentiles, 0.535-1.089 s, prematurity kept: only
+rates rarer than DS1's leave their shape behind).
 
 usage: reid_probe.py DATA_DIR DRAWS STREAM [STREAM ...]      (docs/identity.md)"""
 import sys
@@ -36,6 +38,15 @@ class RateFree:
         return self.generator.generate(persona, z, label, rr)
 
 
+class RateClipped(RateFree):
+    """The generator with every beat's local RR clipped to DS1's 5th-95th percentiles."""
+
+    def generate(self, persona, z, label, rr):
+        rr = np.array(rr, dtype=np.float32)
+        scale = np.clip(rr[:, 1], 0.535, 1.089) / rr[:, 1]
+        return self.generator.generate(persona, z, label, rr * scale[:, None])
+
+
 data, draws, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 gen, cls = load_models()
 twin = RhythmTwin.of(gen.contract, load_records(DS1, data, ".cache/beats"))
@@ -44,7 +55,7 @@ twin = RhythmTwin.of(gen.contract, load_records(DS1, data, ".cache/beats"))
 def stream(name: str):
     base, _, spread = name.partition("-p")
     settings = {"persona_spread": float(spread)} if spread else {}
-    return {"product": gen, "twin": twin, "rate-free": RateFree(gen)}[base], (
+    return {"product": gen, "twin": twin, "rate-free": RateFree(gen), "rate-clipped": RateClipped(gen)}[base], (
         {"persona_spread": 0.0} if base == "twin" else settings)
 
 
