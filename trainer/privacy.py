@@ -126,16 +126,17 @@ def linkability_auc(sessions: list[np.ndarray], people: list[str]) -> float:
 def membership_auc(members: np.ndarray, non_members: np.ndarray, generated: np.ndarray) -> float:
     """Membership inference from the generator's output: a beat scores higher the closer its
     nearest generated beat is. AUC of training beats (members) over unseen beats (non-members)."""
-    gen = np.asarray(generated, dtype=np.float64)
-    norms = (gen**2).sum(axis=1)
+    return auc(-nearest_distance(members, generated), -nearest_distance(non_members, generated))
 
-    def nearest(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
-        out = np.empty(len(x))
-        for lo in range(0, len(x), _CHUNK):
-            q = x[lo : lo + _CHUNK]
-            d = (q**2).sum(axis=1)[:, None] + norms[None, :] - 2.0 * q @ gen.T
-            out[lo : lo + len(q)] = np.sqrt(np.maximum(d.min(axis=1), 0.0))
-        return out
 
-    return auc(-nearest(members), -nearest(non_members))
+def nearest_distance(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Euclidean distance from each row of ``x`` to its nearest row of ``reference``."""
+    ref = np.asarray(reference, dtype=np.float64)
+    norms = (ref**2).sum(axis=1)
+    x = np.asarray(x, dtype=np.float64)
+    out = np.empty(len(x))
+    for lo in range(0, len(x), _CHUNK):
+        q = x[lo : lo + _CHUNK]
+        d = (q**2).sum(axis=1)[:, None] + norms[None, :] - 2.0 * q @ ref.T
+        out[lo : lo + len(q)] = np.sqrt(np.maximum(d.min(axis=1), 0.0))
+    return out
