@@ -39,6 +39,7 @@ from trainer.generator import (
     surrogate_set,
 )
 from trainer.image_baseline import (
+    ImageBaseline,
     ImageBaselineConfig,
     beats_to_images,
     fit_image_baseline,
@@ -359,3 +360,25 @@ def test_image_baseline_trains_and_samples_each_class(train: BeatSet, tmp_path: 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.sample([0], np.random.default_rng(1))
+    # its weights file gives the same beats, and nothing else passes for one
+    again = ImageBaseline.load(model.save(tmp_path / "weights.pt"))
+    labels = np.arange(10) % len(AAMI_CLASSES)
+    assert np.array_equal(again.sample(labels, np.random.default_rng(5)), model.sample(labels, np.random.default_rng(5)))
+    torch.save({"generator": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an image-baseline weights file"):
+        ImageBaseline.load(tmp_path / "other.pt")
+
+
+def test_the_shipped_image_baseline_loads_and_draws_each_class(train: BeatSet) -> None:
+    """The weights the evaluation compares against by default (trainer/assets), trained on DS1."""
+    from trainer.tasks import IMAGE_BASELINE_WEIGHTS
+
+    model = ImageBaseline.load(IMAGE_BASELINE_WEIGHTS)
+    assert model.cfg == ImageBaselineConfig()  # the default recipe
+    labels = np.repeat(np.arange(len(AAMI_CLASSES)), 40)
+    beats = model.sample(labels, np.random.default_rng(0))
+    assert beats.shape == (len(labels), DEFAULT_SPEC.length) and np.all(np.isfinite(beats))
+    r = beats[:, DEFAULT_SPEC.pre]  # canonical beats: R deflection of magnitude 1 at the R sample
+    assert np.median(np.abs(r)) > 0.8
+    n_mean, v_mean = beats[labels == 0].mean(axis=0), beats[labels == 2].mean(axis=0)
+    assert np.abs(n_mean - v_mean).max() > 0.3  # classes drawn differently (V is not N)

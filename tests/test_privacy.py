@@ -121,9 +121,13 @@ def test_evaluate_with_redraw_reads_the_product_with_a_feature_judge(tmp_path: P
     second CNN trained); the report says that the shipped classifier's reading is not independent."""
     from trainer.evaluate import evaluate
 
+    from trainer.tasks import IMAGE_BASELINE_WEIGHTS
+
     report = evaluate(str(DATA), tmp_path, ("100", "232"), minutes=2.0, cache_dir=None, training_records=("208", "119"),
                       curve=(), detect_with_xqrs=False, draws=1, product_settings={"redraw": 4}, recipe_judge=False,
-                      feature_judge=True)
+                      feature_judge=True, baseline_run=IMAGE_BASELINE_WEIGHTS)
+    assert report["streams"] == ["raw", "product", "twin", "image baseline"]  # the shipped baseline's rows
+    assert 0.0 <= report["membership_auc"]["image baseline"] <= 1.0
     f1 = report["class_f1"]
     assert {"raw, features judge", "reclassified, features judge"} <= set(f1) and "raw, judge" not in f1
     assert f1["raw, features judge"]["N"] > 0.5  # two training records make a weak judge; it still reads

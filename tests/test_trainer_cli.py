@@ -116,6 +116,21 @@ def test_export_generator_with_card_and_baseline(runs: dict[str, Path]) -> None:
     assert onnx_path.with_suffix(".png").stat().st_size > 10_000
 
 
+def test_export_image_baseline_writes_the_weights_the_evaluation_loads(runs: dict[str, Path]) -> None:
+    from trainer.evaluate import load_baseline
+    from trainer.pipeline import load_run
+
+    weights = runs["tmp"] / "m" / "image-baseline.pt"
+    out = trainer("export", str(runs["image-baseline"]), "--output", str(weights), cwd=runs["tmp"])
+    assert "exported the image baseline's weights" in out.stdout
+    labels = np.arange(6) % 5
+    from_run = load_run(runs["image-baseline"])["module"].sample(labels, np.random.default_rng(2))
+    assert np.array_equal(load_baseline(weights).sample(labels, np.random.default_rng(2)), from_run)
+    assert np.array_equal(load_baseline(runs["image-baseline"]).sample(labels, np.random.default_rng(2)), from_run)
+    with pytest.raises(FileNotFoundError, match="no image baseline at"):
+        load_baseline(runs["tmp"] / "missing.pt")
+
+
 def test_generator_class_term_reads_surrogates_with_a_trained_classifier(runs: dict[str, Path]) -> None:
     run = fit("generator", runs["tmp"], "--set", "class_weight=1", "--set", f"classifier_run={runs['classifier']}")
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -8,6 +8,7 @@ import logging
 import shlex
 import sys
 from collections import Counter
+from pathlib import Path
 
 from edge.console import run_command
 from edge.records import (
@@ -21,7 +22,7 @@ from edge.records import (
     resolve_data_dir,
 )
 from trainer import __version__
-from trainer.tasks import TASKS
+from trainer.tasks import IMAGE_BASELINE_WEIGHTS, TASKS
 
 log = logging.getLogger("trainer")
 
@@ -91,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         "ONNX metadata; check parity against torch on random inputs and print the max abs error.",
     )
     ex.add_argument("run_dir", help="a finished run directory (runs/<task>/NNN)")
-    ex.add_argument("--output", required=True, help="ONNX file to write")
+    ex.add_argument("--output", required=True, help="ONNX file to write (for an image-baseline run: its weights file)")
     ex.add_argument("--version", help="model version (default: UTC timestamp YYYY.MM.DD.HHMMSS)")
     ex.add_argument("--baseline", metavar="RUN_DIR", help="image-baseline run to measure beside a generator")
     ex.add_argument("--data-dir", help="MIT-BIH directory (a generator's card measures fidelity on DS2)")
@@ -104,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     df.add_argument("--data-dir", help=f"MIT-BIH directory (default ${DATA_DIR_ENV} or ./data/mitdb)")
     df.add_argument("--output", default="edge/assets/models", help="where the models go (default edge/assets/models)")
+    df.add_argument("--baseline-output", default=str(IMAGE_BASELINE_WEIGHTS),
+                    help="where the image baseline's weights go, for `ecg-trainer evaluate` (default "
+                    "trainer/assets/image-baseline.pt)")
     df.add_argument("--runs-dir", default="runs")
     df.add_argument("--cache-dir", default=".cache/beats")
     df.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -123,7 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--minutes", type=float, default=10.0, help="minutes of each record (default 10)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--cache-dir", default=".cache/beats")
-    ev.add_argument("--baseline", help="image-baseline run directory, for the seed paper's rows (e.g. runs/image-baseline/001)")
+    ev.add_argument("--baseline", default=str(IMAGE_BASELINE_WEIGHTS),
+                    help="the seed paper's image baseline for its rows: a run directory (runs/image-baseline/NNN) or "
+                    "a weights file from `ecg-trainer export` of one (default: trainer/assets/image-baseline.pt)")
+    ev.add_argument("--no-baseline", action="store_true", help="leave the image baseline's rows out")
     ev.add_argument("--no-xqrs", action="store_true", help="skip wfdb's xqrs on the output (the slowest part)")
     ev.add_argument("--redraw", type=int, default=0,
                     help="the product stream's classifier-guided redraw tries (pipeline.redraw; default 0: off)")
@@ -200,6 +207,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     command = "ecg-trainer " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result = pipeline.export(args.run_dir, args.output, args.version, baseline_run=args.baseline,
                              data_dir=args.data_dir, cache_dir=args.cache_dir, command=command)
+    if isinstance(result, Path):
+        print(f"exported the image baseline's weights to {result}")
+        return 0
     print(f"exported {result.contract.kind} v{result.contract.version} to {result.path} "
           f"(max abs error vs torch {result.max_abs_error:.2e})")
     return 0
@@ -210,7 +220,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.evaluate import CURVE, evaluate, render
 
     report = evaluate(args.data_dir, args.output, tuple(args.records or DS2), args.minutes, args.seed, args.cache_dir,
-                      baseline_run=args.baseline, detect_with_xqrs=not args.no_xqrs,
+                      baseline_run=None if args.no_baseline else args.baseline, detect_with_xqrs=not args.no_xqrs,
                       curve=() if args.no_curve else CURVE,
                       product_settings={"redraw": args.redraw} if args.redraw else None,
                       recipe_judge=args.judge in ("recipe", "both"), feature_judge=args.judge in ("features", "both"))
@@ -235,9 +245,11 @@ def cmd_defaults(args: argparse.Namespace) -> int:
 
     done = pipeline.build_defaults(args.data_dir, args.output, runs_dir=args.runs_dir, cache_dir=args.cache_dir,
                                    device=args.device, version=args.version, progress_bar=not args.no_progress,
-                                   threads=args.threads)
+                                   threads=args.threads, baseline_output=args.baseline_output)
     for kind, result in done["exports"].items():
         print(f"{kind}: {result.path} v{result.contract.version} (max abs error vs torch {result.max_abs_error:.2e})")
+    if done["baseline"]:
+        print(f"image baseline (the evaluation's comparison): {done['baseline']}")
     print(f"built in {done['seconds'] / 60:.1f} min; runs: {', '.join(str(p) for p in done['runs'].values())}")
     return 0
 

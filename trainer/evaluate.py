@@ -11,8 +11,9 @@ of two sessions of one person (each half anonymized as its own session), members
 the generator, R-peak timing and wfdb's xqrs against the reference annotations, heart rate and HRV
 (SDNN, RMSSD), beat classes (the edge's labels, and the shipped classifier re-run on the emitted
 beats), the model card's fidelity table on the emitted beats, 10 s strips, and a privacy-utility
-curve over the persona and per-beat latent scales. The seed paper's image GAN is a row when its
-run directory is given.
+curve over the persona and per-beat latent scales. The seed paper's image GAN is a fourth stream
+when its run directory or weights file is given (``ecg-trainer evaluate`` gives the shipped
+``trainer/assets/image-baseline.pt`` unless told otherwise).
 """
 
 from __future__ import annotations
@@ -79,6 +80,20 @@ class ImageBaselineGenerator:
 
     def generate(self, persona: np.ndarray, z: np.ndarray, label: np.ndarray, rr: np.ndarray) -> np.ndarray:
         return self.baseline.sample(np.asarray(label), self.rng).astype(np.float32)
+
+
+def load_baseline(path: str | Path) -> Any:
+    """The image baseline from a run directory or from its exported weights file."""
+    from trainer.image_baseline import ImageBaseline
+
+    if Path(path).is_dir():
+        from trainer.pipeline import load_run
+
+        return load_run(path)["module"]
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no image baseline at {path}: give a run directory or an exported weights file, "
+                                "or leave the baseline out (--no-baseline)")
+    return ImageBaseline.load(path)
 
 
 @dataclass
@@ -245,9 +260,7 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
     generators: dict[str, tuple[Any, dict[str, Any]]] = {"product": (gen, product_settings),
                                                         "twin": (twin, {"persona_spread": 0.0})}
     if baseline_run is not None:
-        from trainer.pipeline import load_run
-
-        generators["image baseline"] = (ImageBaselineGenerator(gen.contract, load_run(baseline_run)["module"], seed), {})
+        generators["image baseline"] = (ImageBaselineGenerator(gen.contract, load_baseline(baseline_run), seed), {})
     streams = ["raw", *generators]
     halves: dict[str, list[Session]] = {s: [] for s in streams}  # second halves (test)
     enrol_x, enrol_who = [], []

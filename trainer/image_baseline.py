@@ -46,6 +46,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,6 +60,9 @@ from trainer.generator import canonical
 from trainer.runs import Run, seed_everything, unwrap
 
 log = logging.getLogger(__name__)
+
+#: Tag of the weights files :meth:`ImageBaseline.save` writes (trainer.tasks.IMAGE_BASELINE_WEIGHTS).
+WEIGHTS_FORMAT = "ecg-image-baseline/1"
 
 
 @dataclass(frozen=True)
@@ -224,6 +228,24 @@ class ImageBaseline:
     def sample(self, labels: Sequence[int] | np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """(n, 192) canonical beats of the given classes."""
         return images_to_beats(self.sample_images(labels, rng), self.cfg)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the generator's weights and config (tensors and plain values only, so
+        :meth:`load` needs no pickled code): the evaluation's comparison row from a fresh clone."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"format": WEIGHTS_FORMAT, "config": asdict(self.cfg), "generator": self.generator.state_dict()}, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ImageBaseline:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(saved, dict) or saved.get("format") != WEIGHTS_FORMAT:
+            raise ValueError(f"{path} is not an image-baseline weights file ({WEIGHTS_FORMAT})")
+        cfg = ImageBaselineConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()})
+        generator = ImageGenerator(cfg)
+        generator.load_state_dict(saved["generator"])
+        return cls(generator, cfg)
 
 
 def fit_image_baseline(train: BeatSet, run: Run, cfg: ImageBaselineConfig = ImageBaselineConfig()) -> ImageBaseline:

@@ -198,14 +198,19 @@ def export(
     cache_dir: str | None = None,
     command: str = "",
 ) -> Any:
-    """Write the run's model as ONNX with its contract, and its model card (``<output>.md``).
+    """Write the run's model as ONNX with its contract, and its model card (``<output>.md``); an
+    image-baseline run is written as weights (``ImageBaseline.save``) and its path returned.
 
     A generator's card measures fidelity on DS2, so it needs the data directory; the image
     baseline run, when given, is measured beside it.
     """
     from trainer import card
     from trainer.export import export_model
+    from trainer.image_baseline import ImageBaseline
 
+    baseline = load_run(run_dir)["module"]
+    if isinstance(baseline, ImageBaseline):  # not an edge model: weights for the evaluation's comparison row
+        return baseline.save(output)
     contract, module = contract_for(run_dir, version)
     output = Path(output)
     result = export_model(module, contract, output)
@@ -237,8 +242,10 @@ def build_defaults(
     version: str | None = None,
     progress_bar: bool = True,
     threads: int | None = None,
+    baseline_output: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train the classifier, the generator and the image baseline, export the two shipped models."""
+    """Train the classifier, the generator and the image baseline, export the two shipped models
+    (and the image baseline's weights to ``baseline_output``, when given)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     common = {"data_dir": data_dir, "runs_dir": runs_dir, "cache_dir": cache_dir, "device": device,
@@ -253,4 +260,5 @@ def build_defaults(
                             data_dir=data_dir, cache_dir=cache_dir, command=command),
     }
     log.info("default models built in %.0f s", time.monotonic() - t0)
-    return {"runs": runs, "exports": results, "seconds": time.monotonic() - t0}
+    baseline = export(runs["image-baseline"], baseline_output) if baseline_output else None
+    return {"runs": runs, "exports": results, "baseline": baseline, "seconds": time.monotonic() - t0}

@@ -12,9 +12,14 @@ import json
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edge.models import CLASSIFIER, GENERATOR
+
+#: The trained image baseline the evaluation compares against by default (``ecg-trainer export``
+#: of an image-baseline run writes it): the seed paper's approach, without training it first.
+IMAGE_BASELINE_WEIGHTS = Path(__file__).parent / "assets" / "image-baseline.pt"
 
 #: RR context each model kind takes (columns of trainer.dataset.BeatSet.rr, in order).
 CLASSIFIER_RR = ("pre_rr", "local_rr", "long_rr")
