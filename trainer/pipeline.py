@@ -208,9 +208,9 @@ def export(
     from trainer.export import export_model
     from trainer.image_baseline import ImageBaseline
 
-    baseline = load_run(run_dir)["module"]
-    if isinstance(baseline, ImageBaseline):  # not an edge model: weights for the evaluation's comparison row
-        return baseline.save(output)
+    trained = load_run(run_dir)["module"]
+    if isinstance(trained, ImageBaseline):  # not an edge model: weights for the evaluation's comparison row
+        return trained.save(output)
     contract, module = contract_for(run_dir, version)
     output = Path(output)
     result = export_model(module, contract, output)
