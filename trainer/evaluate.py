@@ -350,7 +350,7 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
     # The same attacker on the beat's shape alone and on its RR context alone.
     partial = {view: (cols, NearestNeighbourAttacker.enrol(enrolled[:, cols], np.array(enrol_who)))
                for view, cols in FEATURE_VIEWS.items() if view != "all"}
-    reid, linkability, linkability_se, link_views = {}, {}, {}, {}
+    reid, link_views = {}, {}
     for stream in streams:
         per_draw: dict[str, list[float]] = {"rank1_beat": [], "rank1_10_beats": [],
                                             **{f"rank1_beat_{view}": [] for view in partial}}
@@ -372,7 +372,6 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
                                     [s.subject for s in link[stream] if s.draw == draw])
                     for draw in sorted({s.draw for s in link[stream]})]
             link_views[stream][view], link_views[stream][f"{view}_se"] = _mean_se(aucs)
-        linkability[stream], linkability_se[stream] = link_views[stream]["all"], link_views[stream]["all_se"]
     tradeoff = []
     for (persona_spread, beat_spread), parts in curve_parts.items():
         rank1, f1 = [], []
@@ -401,7 +400,8 @@ def evaluate(data_dir: str | None, output_dir: str | Path, records: tuple[str, .
     report = {
         "records": list(records), "minutes_per_record": minutes, "chance": 1.0 / len(records),
         "product_settings": product_settings,
-        "reidentification": reid, "linkability_auc": linkability, "linkability_auc_se": linkability_se,
+        "reidentification": reid, "linkability_auc": {s: v["all"] for s, v in link_views.items()},
+        "linkability_auc_se": {s: v["all_se"] for s, v in link_views.items()},
         "linkability_views": link_views, "membership_auc": membership, "membership_auc_se": membership_se,
         "membership_draws": member_draws, "streams": streams, "draws": draws, "reference_draws": reference_draws,
         "link_draws": link_draws, "tradeoff_judge": curve_judge_name, "fidelity_table": fidelity, "timing": timing, "hrv": hrv_rows, "detection_xqrs": detection, "tradeoff": tradeoff,
@@ -472,9 +472,8 @@ def plot_tradeoff(path: Path, report: dict[str, Any]) -> None:
                     (p["rank1_beat"] * 100, p["macro_f1"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.axvline(100 * report["chance"], color="0.5", ls=":", label="chance")
     ax.axvline(200 * report["chance"], color="C3", ls="--", label="target: 2x chance")
-    judge = report.get("tradeoff_judge")
-    raw = report["class_f1"].get(f"raw, {judge}", report["class_f1"]["raw"])
-    ax.axhline(raw["macro"], color="0.3", ls="-.", label=f"{judge or 'classifier'} on the real beats")
+    judge = report["tradeoff_judge"]  # the reader of the curve's points, on the real beats
+    ax.axhline(report["class_f1"][f"raw, {judge}"]["macro"], color="0.3", ls="-.", label=f"{judge} on the real beats")
     ax.set_xlabel("re-identification rank-1, single beats (%)")
     ax.set_ylabel("macro F1 (N, S, V, F) of the emitted beats")
     ax.legend(fontsize=8)
@@ -517,8 +516,16 @@ def generator_membership_draws(generate: Any, persona_dim: int, beat_dim: int, n
 def generator_membership(generate: Any, persona_dim: int, beat_dim: int, n_rr: int, members: BeatSet,
                          non_members: BeatSet, seed: int = 0) -> float:
     """Membership AUC of ``members`` (training beats) over ``non_members`` from beats made by
-    ``generate(persona, z, label, rr)`` with the members' classes and RR (a fresh persona per 8
-    beats), up to 4,000 beats each side and three generated beats per member beat."""
+    ``generate`` (:func:`membership_sample`)."""
+    mem, non, generated = membership_sample(generate, persona_dim, beat_dim, n_rr, members, non_members, seed)
+    return membership_auc(members.beats[mem], non_members.beats[non], generated)
+
+
+def membership_sample(generate: Any, persona_dim: int, beat_dim: int, n_rr: int, members: BeatSet,
+                      non_members: BeatSet, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One draw of the membership attack: indices of up to 4,000 member and non-member beats, and
+    three beats made by ``generate(persona, z, label, rr)`` per member beat, with the classes and
+    RR of other member beats (a fresh persona per 8 beats)."""
     rng = np.random.default_rng(seed)
     n = min(4000, len(members.beats) // 3, len(non_members.beats))
     mem = rng.choice(len(members.beats), n, replace=False)
@@ -530,7 +537,7 @@ def generator_membership(generate: Any, persona_dim: int, beat_dim: int, n_rr: i
     labels = members.labels[pick]
     generated = np.concatenate([generate(persona[lo : lo + 512], z[lo : lo + 512], labels[lo : lo + 512],
                                          rr[lo : lo + 512]) for lo in range(0, 3 * n, 512)])
-    return membership_auc(members.beats[mem], non_members.beats[non], generated)
+    return mem, non, generated
 
 
 def _ratio(f1: dict[str, Any], a: str, b: str) -> float:
@@ -540,8 +547,7 @@ def _ratio(f1: dict[str, Any], a: str, b: str) -> float:
 def render(report: dict[str, Any]) -> str:
     """The Markdown report."""
     chance = report["chance"]
-    reid, link = report["reidentification"], report["linkability_auc"]
-    link_se = report.get("linkability_auc_se", {})
+    reid, views = report["reidentification"], report["linkability_views"]
 
     def pm(value: float, se: float | None, scale: float = 100.0, digits: int = 1) -> str:
         return f"{scale * value:.{digits}f}" + (f" ± {scale * se:.{digits}f}" if se else "")
@@ -552,9 +558,8 @@ def render(report: dict[str, Any]) -> str:
         f"{reid[s]['rank1_beat'] / chance:.1f}x | "
         + " | ".join(f"{pm(reid[s][k], reid[s].get(f'{k}_se'))} %" if k in reid[s] else "–"
                      for k in ("rank1_beat_shape", "rank1_beat_rhythm")) + " |" for s in report["streams"])
-    views = report.get("linkability_views") or {s: {"all": link[s], "all_se": link_se.get(s)} for s in link}
     link_rows = "\n".join(
-        f"| {s} | " + " | ".join(pm(views[s][v], views[s].get(f"{v}_se"), 1.0, 3) if v in views[s] else "–"
+        f"| {s} | " + " | ".join(pm(views[s][v], views[s][f"{v}_se"], 1.0, 3)
                                  for v in ("all", "shape", "rhythm")) + " |" for s in report["streams"])
     versus_twin = ""
     if "product" in reid and "twin" in reid:
@@ -562,13 +567,13 @@ def render(report: dict[str, Any]) -> str:
         gap_se = float(np.hypot(reid["product"].get("rank1_beat_se", 0.0), reid["twin"].get("rank1_beat_se", 0.0)))
         versus_twin = (f" Product minus twin, single beats: {100 * gap:+.1f} ± {100 * gap_se:.1f} points"
                        f" (target: no higher than the twin within that noise, DESIGN.md).")
-    mem, mem_se, mem_draws = report["membership_auc"], report.get("membership_auc_se", {}), report.get("membership_draws", {})
+    mem, mem_se, mem_draws = report["membership_auc"], report["membership_auc_se"], report["membership_draws"]
 
     def spread(k: str) -> str:
-        d = mem_draws.get(k) or []
+        d = mem_draws[k]
         return f" ({len(d)} draws: {min(d):.3f}-{max(d):.3f})" if len(d) > 1 else ""
 
-    membership = ", ".join(f"{k} AUC {pm(v, mem_se.get(k), 1.0, 3)}{spread(k)}" for k, v in mem.items())
+    membership = ", ".join(f"{k} AUC {pm(v, mem_se[k], 1.0, 3)}{spread(k)}" for k, v in mem.items())
     det = report.get("detection_xqrs") or []
     detection = (f"wfdb's xqrs on the anonymized output: Se {np.mean([d['se'] for d in det]):.2f} %, "
                  f"+P {np.mean([d['ppv'] for d in det]):.2f} % (mean over records)." if det else "")
@@ -612,7 +617,7 @@ Chance is {100 * chance:.1f} %.
 {rows}
 
 Mean ± standard error over persona draws: the second half of every record was anonymized
-{report.get('draws', 1)} times for the product ({report.get('reference_draws', report.get('draws', 1))} for the twin and the image baseline, which have no
+{report['draws']} times for the product ({report['reference_draws']} for the twin and the image baseline, which have no
 persona) as a session of its own, with a fresh persona each time (one persona per record makes
 the figures swing by points). Target: rank-1 <= 2x chance ({200 * chance:.1f} %).{versus_twin}
 The last two columns are the same attacker on part of each beat's features: its shape and
@@ -620,7 +625,7 @@ amplitude alone, and its two RR intervals alone. The output keeps every R-peak a
 (promise 2), so what RR alone gives is open to anyone who reads the output, for any
 timing-preserving anonymizer; the shape column is what the surrogates themselves carry.
 
-Linkability: each half of every record anonymized as a session of its own ({report.get('link_draws', 1)} draws per
+Linkability: each half of every record anonymized as a session of its own ({report['link_draws']} draws per
 half); AUC of "same person" over pairs of sessions, scored by the distance between the sessions'
 mean features (0.5 = cannot tell), on all features and on each part alone. An attacker links
 with whichever part works best. Target <= 0.55.
