@@ -59,6 +59,39 @@ class Persona:
         return wander + self.noise_mv * rng.standard_normal(n)
 
 
+class BaselineTrack:
+    """A stream's synthetic baseline, read in order: ``Persona.baseline`` computed a block ahead.
+
+    A stream emits a few dozen samples at a time; computing the wander and drawing the noise per
+    emit cost more in numpy call overhead than in arithmetic. The block holds the same values the
+    per-emit calls would give (the noise is the same draws in the same order from ``rng``, which
+    nothing else reads)."""
+
+    def __init__(self, persona: Persona, fs: float, rng: np.random.Generator, block_s: float = 2.0) -> None:
+        self.persona, self.fs, self.rng = persona, fs, rng
+        self._block = max(1, round(block_s * fs))
+        self._start = 0  # output sample of _values[0]
+        self._values = np.empty(0)
+        self._next = 0  # output sample the next call starts at
+
+    def take(self, start: int, n: int) -> np.ndarray:
+        """Baseline of output samples ``start .. start+n-1``, where the previous call ended."""
+        if start != self._next:
+            raise ValueError(f"baseline read out of order: sample {start}, expected {self._next}")
+        lo = start - self._start
+        if lo + n > self._values.size:
+            rest = self._values[lo:]
+            more = self.persona.baseline(self._start + self._values.size, max(self._block, n - rest.size),
+                                         self.fs, self.rng)
+            self._start, self._values, lo = start, np.concatenate([rest, more]), 0
+        self._next = start + n
+        return self._values[lo : lo + n]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._values.nbytes)
+
+
 def random_pseudonym() -> str:
     """A fresh, unlinkable session name (96 random bits)."""
     return secrets.token_hex(12)

@@ -23,7 +23,7 @@ import numpy as np
 from edge import codec
 from edge.codec import CodecSpec
 from edge.detector import DetectorBank, DetectorConfig, RPeak, StreamingQRSDetector
-from edge.persona import Persona
+from edge.persona import BaselineTrack, Persona
 from edge.splicer import Splicer
 from edge.window import SampleWindow
 
@@ -82,6 +82,7 @@ class BeatStream:
         self.pseudonym = pseudonym
         self.persona = persona
         self.rng = rng
+        self._baseline = BaselineTrack(persona, self.fs, rng)
         self.spec = spec
         self._detector_config = detector
         self.detector = StreamingQRSDetector(self.fs, detector, bank)
@@ -282,7 +283,7 @@ class BeatStream:
         start = self.splicer.cursor
         until = self.horizon(final)
         beats_part = self.splicer.emit(until)
-        samples = beats_part + self.persona.baseline(start, len(beats_part), self.fs, self.rng)
+        samples = beats_part + self._baseline.take(start, len(beats_part))
         emitted, latency = [], []
         for r in sorted(s for s in self._labels if s < until):
             label, arrived, model = self._labels.pop(r)
@@ -291,9 +292,10 @@ class BeatStream:
         return Emitted(start, samples, emitted, latency)
 
     def memory_bytes(self) -> int:
-        """Bytes held in this stream's arrays (buffers, splicer rows, detector ring)."""
+        """Bytes held in this stream's arrays (buffers, splicer rows, detector ring, baseline block)."""
         rows = sum(b.row.nbytes for b in self.splicer._beats if b.row is not None)
-        return self._window.nbytes + self.detector.memory_bytes + rows + self._rr.nbytes + 8 * 3 * len(self._pending)
+        return (self._window.nbytes + self.detector.memory_bytes + rows + self._rr.nbytes + self._baseline.nbytes
+                + 8 * 3 * len(self._pending))
 
 
 def _head(arrival: tuple[int, float]) -> int:
