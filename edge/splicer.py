@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,19 +91,16 @@ class Splicer:
         if n <= 0:
             return np.empty(0)
         out = np.zeros(n)
-        weight_sum = np.zeros(n)
-        beats = self._beats
-        for i, beat in enumerate(beats):
-            if beat.row is None:
-                continue
-            end = beat.start + len(beat.row)  # exclusive
-            if end <= lo or beat.start >= until:
-                continue
-            w = self._weights(i, lo, until)
-            seg_lo, seg_hi = max(beat.start, lo), min(end, until)
-            out[seg_lo - lo : seg_hi - lo] += w * beat.row[seg_lo - beat.start : seg_hi - beat.start]
-            weight_sum[seg_lo - lo : seg_hi - lo] += w
-        self._mask_lost(out, weight_sum, lo, until)
+        for i, beat, seg_lo, seg_hi in self._live(lo, until):
+            out[seg_lo - lo : seg_hi - lo] += self._weights(i, lo, until) * beat.row[seg_lo - beat.start : seg_hi - beat.start]
+        lost = self._lost(lo, until)
+        if lost:  # rare (a pause in the rhythm): only then is it worth summing the beats' weights
+            weight = np.zeros(n)
+            for i, _, seg_lo, seg_hi in self._live(lo, until):
+                weight[seg_lo - lo : seg_hi - lo] += self._weights(i, lo, until)
+            for a, b in lost:
+                seg = out[a - lo : b - lo]
+                seg[weight[a - lo : b - lo] == 0] = np.nan
         for a, b in self._masks:
             a, b = max(a, lo), min(b, until)
             if b > a:
@@ -146,22 +144,33 @@ class Splicer:
         centre = min(max(centre, b_start + w), a_end - w)  # np.clip's rule, on Python ints
         return centre, w
 
-    def _mask_lost(self, out: np.ndarray, weight: np.ndarray, lo: int, hi: int) -> None:
-        """Mask beat-less stretches more than ``lost`` samples after the last R-peak. Walks the
-        stretches between R-peaks (a few per emit) instead of testing every sample."""
+    def _live(self, lo: int, hi: int) -> Iterator[tuple[int, _Placed, int, int]]:
+        """Rendered beats whose rows reach into [lo, hi): index, beat and the samples it covers there."""
+        for i, beat in enumerate(self._beats):
+            if beat.row is None:
+                continue
+            end = beat.start + len(beat.row)  # exclusive
+            if end > lo and beat.start < hi:
+                yield i, beat, max(beat.start, lo), min(end, hi)
+
+    def _lost(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Stretches of [lo, hi) more than ``lost`` samples after the last R-peak: there, output no
+        beat covers is masked. Walks the stretches between R-peaks (a few per emit) instead of
+        testing every sample."""
         rs = [b.r for b in self._beats]
         j = bisect.bisect_right(rs, lo)  # rs[j] is the first R-peak after lo
         last = rs[j - 1] if j > 0 else self._last_r
         t = lo
+        out = []
         while t < hi:
             nxt = min(rs[j], hi) if j < len(rs) else hi  # [t, nxt) has ``last`` as its last R-peak
             a = max(t, last + self.lost + 1)
             if a < nxt:
-                seg = out[a - lo : nxt - lo]
-                seg[weight[a - lo : nxt - lo] == 0] = np.nan
+                out.append((a, nxt))
             if j >= len(rs):
                 break
             t, last, j = nxt, rs[j], j + 1
+        return out
 
     def _forget(self) -> None:
         """Drop beats and masks wholly behind the cursor, keeping the one just before the first

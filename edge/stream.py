@@ -276,7 +276,8 @@ class BeatStream:
         """Worth emitting now: a surrogate's R-peak can go out, or ``min_samples`` of output can.
         (Emitting every stream on every tick costs more than the models do.)"""
         h = self.horizon()
-        return h - self.splicer.cursor >= min_samples or any(r < h for r in self._labels)
+        # ``_labels`` holds R-peaks in increasing order (beats are placed in order), so the first is the earliest.
+        return h - self.splicer.cursor >= min_samples or (bool(self._labels) and next(iter(self._labels)) < h)
 
     def emit(self, now: float, final: bool = False) -> Emitted:
         """Final synthetic output up to the horizon: surrogates, persona baseline, NaN where masked."""
