@@ -348,8 +348,8 @@ class Anonymizer:
                 cls_rr = _columns(rr[idx], self.classifier.contract.rr_features)
                 labels[idx] = self.classifier.classify(beats[idx], cls_rr)
                 reason = "generator"
-                personas = np.concatenate([np.broadcast_to(s.persona.latent, (len(r.r), s.persona.latent.size))
-                                           for _, s, r in ready])[idx]
+                personas = np.repeat(np.stack([s.persona.latent for _, s, _ in ready]), np.diff(batch.starts),
+                                     axis=0)[idx]
                 z = self.settings.beat_spread * self.rng.standard_normal((idx.size, self.generator.contract.beat_dim))
                 gen_rr = _columns(rr[idx], self.generator.contract.rr_features)
                 surrogates = _checked(self.generator.generate(personas, z, labels[idx], gen_rr), idx.size, self.spec.length)
@@ -480,23 +480,26 @@ def _decode(ready: list[tuple[str, BeatStream, ReadyBeats]], batch: _Batch, ok: 
             spec: codec.CodecSpec) -> dict[int, codec.DecodedBeats]:
     """Surrogates (one per ``ok`` beat, in ``ready`` order) onto each stream's clock at its
     persona's amplitude: one decode per sample rate, split back per stream."""
-    starts = batch.starts
+    counts = np.diff(batch.starts)
+    owner = np.repeat(np.arange(len(ready)), counts)  # the ready entry of each beat in the batch
     row_of = np.cumsum(ok) - 1  # index into ``surrogates`` of each ok beat
+    r_all = np.concatenate([r.r for _, _, r in ready])
+    gain_all = np.repeat([s.persona.amplitude_mv for _, s, _ in ready], counts)
     out: dict[int, codec.DecodedBeats] = {}
     for fs, members in batch.by_rate.items():
-        picks = [np.flatnonzero(ok[starts[i] : starts[i + 1]]) for i in members]
-        if not any(p.size for p in picks):
+        mine = ok if len(batch.by_rate) == 1 else ok & np.isin(owner, members)
+        sel = np.flatnonzero(mine)  # in ``ready`` order, as ``surrogates`` is
+        if not sel.size:
             continue
-        rows = np.concatenate([row_of[starts[i] + p] for i, p in zip(members, picks)])
-        r = np.concatenate([ready[i][2].r[p] for i, p in zip(members, picks)])
-        gain = np.concatenate([np.full(p.size, ready[i][1].persona.amplitude_mv) for i, p in zip(members, picks)])
-        decoded = codec.decode(surrogates[rows], r, fs, gain, 0.0, spec)
+        decoded = codec.decode(surrogates[row_of[sel]], r_all[sel], fs, gain_all[sel], 0.0, spec)
+        per_stream = np.bincount(owner[sel], minlength=len(ready))
         k = 0
-        for i, p in zip(members, picks):
-            if p.size:
-                out[i] = codec.DecodedBeats(start=decoded.start[k : k + p.size], samples=decoded.samples[k : k + p.size],
+        for i in members:
+            m = int(per_stream[i])
+            if m:
+                out[i] = codec.DecodedBeats(start=decoded.start[k : k + m], samples=decoded.samples[k : k + m],
                                             r_offset=decoded.r_offset, fs=fs)
-            k += p.size
+                k += m
     return out
 
 
