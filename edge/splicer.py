@@ -35,6 +35,10 @@ class _Placed:
     start: int  # first sample of the row
     row: np.ndarray | None  # None: the beat could not be rendered; its span is masked
     floor: int = 0  # first sample it may contribute to (the cursor when it arrived late)
+    # Its weights over the whole row, and the beat after it they were computed with (the only
+    # neighbour that can still change: a beat placed later).
+    weights: np.ndarray | None = None
+    weights_next: _Placed | None = None
 
 
 class Splicer:
@@ -92,12 +96,13 @@ class Splicer:
             return np.empty(0)
         out = np.zeros(n)
         for i, beat, seg_lo, seg_hi in self._live(lo, until):
-            out[seg_lo - lo : seg_hi - lo] += self._weights(i, lo, until) * beat.row[seg_lo - beat.start : seg_hi - beat.start]
+            w = self._row_weights(i)[seg_lo - beat.start : seg_hi - beat.start]
+            out[seg_lo - lo : seg_hi - lo] += w * beat.row[seg_lo - beat.start : seg_hi - beat.start]
         lost = self._lost(lo, until)
         if lost:  # rare (a pause in the rhythm): only then is it worth summing the beats' weights
             weight = np.zeros(n)
-            for i, _, seg_lo, seg_hi in self._live(lo, until):
-                weight[seg_lo - lo : seg_hi - lo] += self._weights(i, lo, until)
+            for i, beat, seg_lo, seg_hi in self._live(lo, until):
+                weight[seg_lo - lo : seg_hi - lo] += self._row_weights(i)[seg_lo - beat.start : seg_hi - beat.start]
             for a, b in lost:
                 seg = out[a - lo : b - lo]
                 seg[weight[a - lo : b - lo] == 0] = np.nan
@@ -109,16 +114,20 @@ class Splicer:
         self._forget()
         return out
 
-    def _weights(self, i: int, lo: int, hi: int) -> np.ndarray:
-        """The beat's weight over its row ∩ [lo, hi): 1 inside its own part, raised-cosine ramps at
-        the boundaries it shares with neighbours and at its free ends."""
+    def _row_weights(self, i: int) -> np.ndarray:
+        """Beat ``i``'s weight over its whole row: 1 inside its own part, raised-cosine ramps at the
+        boundaries it shares with neighbours and at its free ends. Kept with the beat and computed
+        again only when a beat was placed after it since: a beat spans several emits, and a
+        sample's weight does not depend on which emit asks."""
         beat = self._beats[i]
+        nxt = self._beats[i + 1] if i + 1 < len(self._beats) else None
+        if beat.weights is not None and beat.weights_next is nxt:
+            return beat.weights
         end = beat.start + len(beat.row)
         first = beat.floor
         head_lo, head_hi = first, first + 2 * self.ramp  # free end: fade in from zero
         tail_lo, tail_hi = end - 2 * self.ramp, end  # free end: fade out to zero
         prev = self._beats[i - 1] if i > 0 else None
-        nxt = self._beats[i + 1] if i + 1 < len(self._beats) else None
         if prev is not None and prev.row is not None:
             b, w = self._boundary(prev, beat)
             if w:
@@ -127,7 +136,8 @@ class Splicer:
             b, w = self._boundary(beat, nxt)
             if w:
                 tail_lo, tail_hi = b - w, b + w
-        return _weight(max(beat.start, lo), min(end, hi), head_lo, head_hi, tail_lo, tail_hi)
+        beat.weights, beat.weights_next = _weight(beat.start, end, head_lo, head_hi, tail_lo, tail_hi), nxt
+        return beat.weights
 
     def _boundary(self, a: _Placed, b: _Placed) -> tuple[int, int]:
         """Cross-fade centre and half-width between consecutive rendered beats; (0, 0) when their
