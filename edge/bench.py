@@ -227,7 +227,9 @@ Command: `{command}` ({platform.machine()}, {os.cpu_count()} cores shared, Pytho
 Each of N wearables plays the bundled MIT-BIH 208 excerpt (frequent ventricular beats: more beats
 per second than most records) from its own offset in frames of the given length; the whole pipeline
 (detector, codec, ONNX classifier and generator batched across streams, splicer) runs on one
-thread, on a clock that advances by the compute's CPU time. {args.seconds:g} simulated seconds are
+thread, on a clock that advances by the edge's CPU time (from `Anonymizer.feed` on; the simulated
+wearables' own bookkeeping, which frames are due and cutting them from the record, is left out of
+the clock and of the CPU time). {args.seconds:g} simulated seconds are
 measured after {WARM_UP_S:g} s of warm-up.
 
 - **arrivals**: *staggered* is how the live service runs: each wearable joins at its own moment
