@@ -212,7 +212,7 @@ def main(args: argparse.Namespace) -> int:
                     r = run_once(g, cls, n, args.seconds, frame_ms, signal, fs, arrivals=arrivals)
                     results.append(r)
                     print(table([r]).splitlines()[-1], flush=True)
-    enc_after = codec.encode_span(fs)[1] / fs
+    wait = codec.encode_wait(fs) / fs
     tick_s = PipelineConfig().tick_s
     post = codec.DEFAULT_SPEC.post_s
     text = table(results)
@@ -240,10 +240,11 @@ measured after {WARM_UP_S:g} s of warm-up.
 - **real-time factor**: simulated seconds per CPU second; the streams are sustained in real time
   when it is at least 1, and "streams sustained" is N times it.
 - **added latency**: from the arrival of the frame holding a beat's R-peak to the end of the step
-  that emits its surrogate. The edge must wait for the input the codec needs after the R-peak
-  ({1000 * enc_after:.0f} ms at {fs:g} Hz; the canonical window's post-R part is {1000 * post:.0f} ms), which comes in whole
-  frames (at 100 ms frames, 500 or 600 ms after the R-peak's frame), then for the next step and
-  its compute. Target: p99 <= post-R window + 150 ms = {1000 * (post + 0.15):.0f} ms.
+  that emits its surrogate. The edge must wait for the input inside the canonical window's post-R
+  part ({1000 * post:.0f} ms: the samples up to {1000 * wait:.0f} ms after the R-peak at {fs:g} Hz; `codec.encode_wait`), which comes in
+  whole frames (at 100 ms frames, 500 ms after the R-peak's frame, or 600 ms when the R-peak
+  lies in the frame's last {1000 * (wait % 0.1):.0f} ms), then for the next step and its compute. Target: p99 <=
+  post-R window + 150 ms = {1000 * (post + 0.15):.0f} ms.
 - **memory**: resident memory growth per stream (RSS; only the first run of a process means much,
   later runs reuse memory the earlier ones freed), and the stream's own buffers.
 - The peer row runs the trainer's torch generator (one thread) in place of the ONNX session.

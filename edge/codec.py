@@ -298,6 +298,16 @@ def encode_span(fs: float, spec: CodecSpec = DEFAULT_SPEC) -> tuple[int, int]:
     return kernel.before, kernel.after
 
 
+def encode_wait(fs: float, spec: CodecSpec = DEFAULT_SPEC) -> int:
+    """Input samples after the R-peak a live stream waits for before it encodes a beat: those
+    inside the canonical window's post-R span (``post_s``). The resampling kernel reaches about
+    36 ms further (``encode_span``); a stream repeats its last waited-for sample there (see
+    ``cut_windows``) instead of waiting for them, which changes the last few canonical samples
+    a little (baseline, past the T wave) and the shipped classifier's label on 2 of the 100,689
+    DS1+DS2 beats."""
+    return math.ceil(_check_fs(fs) * spec.post_s) - 1
+
+
 def decode_span(fs: float, spec: CodecSpec = DEFAULT_SPEC) -> tuple[int, int]:
     """Target samples a decoded beat covers before and after its R-peak (both inclusive)."""
     kernel = _decode_kernel(_check_fs(fs), spec)
@@ -359,14 +369,20 @@ def encode(
     )
 
 
-def cut_windows(signal: np.ndarray, r_peaks: np.ndarray, fs: float, spec: CodecSpec = DEFAULT_SPEC) -> np.ndarray:
+def cut_windows(signal: np.ndarray, r_peaks: np.ndarray, fs: float, spec: CodecSpec = DEFAULT_SPEC,
+                after: int | None = None) -> np.ndarray:
     """The input each beat is encoded from: one row per R-peak (indices into ``signal``), the
-    :func:`encode_span` samples around it, edge-padded where the signal runs out."""
-    return _cut(np.asarray(signal, dtype=np.float64), np.asarray(r_peaks), _encode_kernel(_check_fs(fs), spec))
+    :func:`encode_span` samples around it, edge-padded where the signal runs out. ``after``: read
+    at most this many samples past each R-peak and repeat the last of them beyond (a live stream
+    passes :func:`encode_wait`), so the window does not depend on how much input has arrived."""
+    return _cut(np.asarray(signal, dtype=np.float64), np.asarray(r_peaks), _encode_kernel(_check_fs(fs), spec), after)
 
 
-def _cut(x: np.ndarray, r: np.ndarray, kernel: _Kernel) -> np.ndarray:
-    return x[clip_index(r[:, None] + np.arange(-kernel.before, kernel.after + 1), len(x) - 1)]
+def _cut(x: np.ndarray, r: np.ndarray, kernel: _Kernel, after: int | None = None) -> np.ndarray:
+    idx = r[:, None] + np.arange(-kernel.before, kernel.after + 1)
+    if after is not None and after < kernel.after:
+        idx = np.minimum(idx, (r + after)[:, None])
+    return x[clip_index(idx, len(x) - 1)]
 
 
 def clip_index(i: np.ndarray, last: int) -> np.ndarray:

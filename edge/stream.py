@@ -92,6 +92,7 @@ class BeatStream:
         # what is left one frame at a time.
         self.queue: deque[tuple[np.ndarray, float]] = deque()
         self.enc_before, self.enc_after = codec.encode_span(self.fs, spec)
+        self.enc_wait = codec.encode_wait(self.fs, spec)  # post-R samples a beat waits for
         self.dec_before, _ = codec.decode_span(self.fs, spec)
         self.splicer = Splicer(self.fs, lost_s=lost_s)
         self.head = 0  # input samples received
@@ -212,7 +213,7 @@ class BeatStream:
         """Encode pending beats whose post-R input has arrived, while it is still buffered (a burst
         of frames between two model batches must not push a beat's window out of the buffer)."""
         out = []
-        while self._pending and (final or self._pending[0][0] + self.enc_after < self._done):
+        while self._pending and (final or self._pending[0][0] + self.enc_wait < self._done):
             out.append(self._pending.popleft())
         if not out:
             return
@@ -220,10 +221,11 @@ class BeatStream:
         inside = r - self.enc_before >= self._buf_start  # decided after its input was dropped
         inside |= self._buf_start == 0  # the session's first beats: the codec pads the start
         (buf,) = self._window.rows()
-        windows = codec.cut_windows(buf, codec.clip_index(r - self._buf_start, len(buf) - 1), self.fs, self.spec)
+        windows = codec.cut_windows(buf, codec.clip_index(r - self._buf_start, len(buf) - 1), self.fs, self.spec,
+                                    after=self.enc_wait)
         ok = inside.copy()
         for a, b in self._bad:
-            ok &= ~((r + self.enc_after >= a) & (r - self.enc_before < b))
+            ok &= ~((r + self.enc_wait >= a) & (r - self.enc_before < b))
         self._ready.append(ReadyBeats(
             r=r, windows=windows, rr=np.array([b[1] for b in out], dtype=np.float32), ok=ok,
             arrived=np.array([b[2] for b in out]),
