@@ -30,6 +30,7 @@ from edge.codec import (
     decode_span,
     encode,
     encode_span,
+    encode_wait,
     encode_windows,
 )
 from edge.records import Record, read_record
@@ -357,3 +358,25 @@ def test_encode_windows_equals_encode_to_the_bit() -> None:
     bad[1, 5] = np.nan
     with pytest.raises(CodecInputError, match="non-finite"):
         encode_windows(bad, fs)
+
+
+@pytest.mark.parametrize("fs", [360, 130, 1000])
+def test_a_live_beat_waits_only_for_its_post_r_window(fs: int) -> None:
+    """A stream encodes a beat once the samples inside the canonical window's post-R part have
+    arrived; what the resampling kernel reads beyond them is the last of them repeated, so later
+    input cannot change the beat, and the beats stay close to the fully read ones."""
+    wait = encode_wait(fs)
+    assert wait / fs < DEFAULT_SPEC.post_s <= (wait + 1) / fs  # every sample inside the window, no more
+    _, after = encode_span(fs)
+    assert after > wait  # the kernel reaches past the window: that is the wait saved
+    x, r = _at_rate("208", fs)
+    r = r[(r > 400) & (r < len(x) - 2 * after)]
+    cut = cut_windows(x, r, fs, after=wait)
+    for k in range(0, len(r), 10):  # input arriving after the wait does not reach the beat
+        later = x.copy()
+        later[r[k] + wait + 1 :] += 5.0
+        assert np.array_equal(cut_windows(later, r[k : k + 1], fs, after=wait)[0], cut[k])
+        assert not np.array_equal(cut_windows(later, r[k : k + 1], fs)[0], cut_windows(x, r[k : k + 1], fs)[0])
+    live, full = encode_windows(cut, fs), encode(x, r, fs).beats
+    diff = np.abs(live - full).max(axis=1)
+    assert np.median(diff) < 0.005 and diff.max() < 0.1  # canonical beats have R at about 1

@@ -404,6 +404,32 @@ def test_a_stream_counts_non_finite_samples_only() -> None:
     assert stream.feed(np.ones(36), 0.2) == 0
 
 
+def test_a_beat_goes_to_the_models_once_its_post_r_window_has_arrived() -> None:
+    """The stream waits for the samples inside the canonical window's post-R part (512 ms), not
+    for the ~36 ms more the resampling kernel reads: at 100 ms frames that makes a beat wait 500
+    ms after its R-peak's frame, or 600 ms when the R-peak is in the frame's last 11 ms."""
+    from edge import codec
+    from edge.persona import Persona
+    from edge.stream import BeatStream
+
+    x, fs = _slice("100")
+    rng = np.random.default_rng(0)
+    stream = BeatStream(fs, "p", Persona.draw(rng, 32), rng)
+    wait, (_, after) = codec.encode_wait(fs), codec.encode_span(fs)
+    late = []  # samples beyond R + wait that had arrived when each beat became ready
+    for start in range(0, len(x), 9):
+        stream.feed(x[start : start + 9], 0.0)
+        ready = stream.ready()
+        if ready is not None:
+            late += (stream.head - 1 - (ready.r + wait)).tolist()
+    late = np.array(late)
+    assert len(late) > 140 and (late >= 0).all()
+    # Most beats were decided before their window was complete: they went out within one frame
+    # of it; none waited for the kernel's full reach when decided in time.
+    in_time = late < 9
+    assert in_time.mean() > 0.95 and after - wait > 9
+
+
 def test_counters_take_each_steps_totals(sessions) -> None:
     """Inputs are counted once per step, outputs once per step: the totals are per frame and per beat."""
     gen, cls = sessions
