@@ -292,8 +292,8 @@ class DecodedBeats:
 
 
 def encode_span(fs: float, spec: CodecSpec = DEFAULT_SPEC) -> tuple[int, int]:
-    """Input samples needed before and after the R-peak (both inclusive) to encode a beat
-    without padding: a stream can encode a beat once ``after`` samples past R have arrived."""
+    """Input samples the encoder reads before and after the R-peak (both inclusive); a live
+    stream waits only for :func:`encode_wait` of the ``after`` ones."""
     kernel = _encode_kernel(_check_fs(fs), spec)
     return kernel.before, kernel.after
 
