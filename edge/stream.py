@@ -81,8 +81,7 @@ class BeatStream:
         self.fs = float(fs)
         self.pseudonym = pseudonym
         self.persona = persona
-        self.rng = rng
-        self._baseline = BaselineTrack(persona, self.fs, rng)
+        self._baseline = BaselineTrack(persona, self.fs, rng)  # the only reader of ``rng``
         self.spec = spec
         self._detector_config = detector
         self.detector = StreamingQRSDetector(self.fs, detector, bank)
