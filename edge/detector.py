@@ -5,8 +5,9 @@ OSEA: band-pass, differentiate, square, integrate over a moving window, then cla
 integrator's peaks with adaptive thresholds set from the medians of recent QRS and noise peaks,
 reject T waves by slope, and search back with a halved threshold when a beat is overdue. Nothing in
 scipy or wfdb does this incrementally (``wfdb.processing.xqrs`` and NeuroKit need the whole record),
-so the decision logic is written here; the filtering is scipy's, run with carried state so that any
-split of the input into frames gives bit-identical results.
+so the decision logic is written here; the band-pass is scipy's, run with carried state, and the
+integrator sums each window in a fixed order, so that any split of the input into frames gives
+bit-identical results.
 
 Every decision depends only on samples up to a fixed look-ahead after the peak, so the detector can
 say at which input sample it decided (``RPeak.decided_at``): ``decided_at - sample`` is the
@@ -33,17 +34,6 @@ try:
     from scipy.signal._sosfilt import _sosfilt
 except ImportError:  # pragma: no cover - a scipy that moved it: fall back to the public function
     _sosfilt = None
-
-try:
-    # What np.convolve(a, v) calls after checking its arguments: correlate(a, v[::-1]), the longer
-    # first, mode 2 ("full"). The bank calls it once per stream per frame, where the checks cost
-    # as much as the convolution; same call, same bits.
-    from numpy._core.multiarray import correlate as _correlate
-
-    def _convolve(a: np.ndarray, v: np.ndarray) -> np.ndarray:
-        return _correlate(a, v[::-1], 2) if a.size >= v.size else _correlate(v, a[::-1], 2)
-except ImportError:  # pragma: no cover - a numpy that moved it
-    _convolve = np.convolve
 
 log = logging.getLogger(__name__)
 
@@ -155,17 +145,16 @@ class DetectorBank:
         high = min(high, 0.45 * fs)
         self._sos = signal.butter(2, [low, high], btype="bandpass", fs=fs, output="sos")
         self.spans = sp = _Spans.of(self.fs, cfg)
-        self._taps = np.full(sp.n_int, 1.0 / sp.n_int)
         self._width = sp.keep + max(sp.keep // 2, 1)  # storage columns: the kept samples plus slack
         self._rows: list[_Row | None] = []
         self._free: list[int] = []
         # Per row: band-pass state (the kernel's (rows, sections, 2)), the last two band-passed
-        # samples (derivative state), the integrator's FIR state, and the window of raw,
+        # samples (derivative state), the integrator's last n_int - 1 inputs, and the window of raw,
         # derivative and integrator samples. Column c of a row's storage holds absolute sample
         # origin + c; samples from start to n_seen are visible; end is the first free column.
         self._zi = np.zeros((0, self._sos.shape[0], 2))
         self._prev = np.zeros((0, 2))
-        self._int_zi = np.zeros((0, sp.n_int - 1))
+        self._int_in = np.zeros((0, sp.n_int - 1))
         self._data = np.empty((0, 3, self._width))
         self._origin = np.zeros(0, dtype=np.int64)
         self._end = np.zeros(0, dtype=np.int64)
@@ -181,7 +170,7 @@ class DetectorBank:
         if not self._free:
             self._grow()
         i = self._free.pop()
-        for a in (self._zi, self._prev, self._int_zi, self._origin, self._end, self._start, self._n_seen,
+        for a in (self._zi, self._prev, self._int_in, self._origin, self._end, self._start, self._n_seen,
                   self._next_check, self._deadline, self._learned):
             a[i] = 0
         self._rows[i] = _Row(self)
@@ -199,7 +188,7 @@ class DetectorBank:
     @property
     def row_bytes(self) -> int:
         """Bytes of one row's window and filter state."""
-        return int(self._data[0].nbytes + self._zi[0].nbytes + self._prev[0].nbytes + self._int_zi[0].nbytes)
+        return int(self._data[0].nbytes + self._zi[0].nbytes + self._prev[0].nbytes + self._int_in[0].nbytes)
 
     def n_seen(self, i: int) -> int:
         return int(self._n_seen[i])
@@ -217,7 +206,7 @@ class DetectorBank:
     def _grow(self) -> None:
         old = len(self._rows)
         new = max(8, 2 * old)
-        for name in ("_zi", "_prev", "_int_zi", "_data", "_origin", "_end", "_start", "_n_seen", "_next_check",
+        for name in ("_zi", "_prev", "_int_in", "_data", "_origin", "_end", "_start", "_n_seen", "_next_check",
                      "_deadline", "_learned"):
             a = getattr(self, name)
             grown = np.zeros((new, *a.shape[1:]), dtype=a.dtype)
@@ -249,12 +238,10 @@ class DetectorBank:
         deriv = (ext[:, 2:] - ext[:, :-2]) * (self.fs / 2.0)
         self._prev[idx] = ext[:, -2:]
         rect = deriv * deriv if self.config.rectify == "square" else np.abs(deriv)
-        # Moving-window integrator as an FIR with carried state: a running sum would round
-        # differently depending on where frames split. One call per row: see _fir.
-        feature = np.empty_like(rect)
-        int_zi = self._int_zi
-        for j, i in enumerate(rows):
-            feature[j], int_zi[i] = _fir(self._taps, rect[j], int_zi[i])
+        # Moving-window integrator: the mean of the last n_int rectified samples, the carried ones first.
+        ext = np.concatenate([self._int_in[idx], rect], axis=1)
+        feature = _window_sum(ext, self.spans.n_int) * (1.0 / self.spans.n_int)
+        self._int_in[idx] = ext[:, n:]
         self._store(idx, n, x, deriv, feature)
         n_seen = self._n_seen[idx]
         beats: list[list[RPeak]] = [[] for _ in rows]
@@ -292,12 +279,14 @@ class DetectorBank:
         self._end[idx] = end + n
         self._n_seen[idx] += n
 
-    def _to_decide(self, idx: np.ndarray, n: int, n_seen: np.ndarray) -> tuple[np.ndarray, dict[int, list[int]]]:
+    def _to_decide(self, idx: np.ndarray, n: int, n_seen: np.ndarray
+                   ) -> tuple[np.ndarray, dict[int, list[_Candidate | int]]]:
         """Which rows have something to decide after a frame of ``n`` samples: the vectorised form of
         the checks at the top of ``_Row.process``. A row whose samples up to the look-ahead hold no
         integrator peak and no overdue-beat deadline, and that has finished learning, has nothing.
         Also returns, for rows the screen sent to decide, the integrator peaks it found (the same
-        samples ``_Row._find_peaks`` would, in order), so that the row does not search again."""
+        samples ``_Row._find_peaks`` would, in order), so that the row does not search again; see
+        ``_candidates`` for their form."""
         sp = self.spans
         learned = self._learned[idx]
         check = self._next_check[idx]
@@ -308,7 +297,7 @@ class DetectorBank:
         regular &= self._deadline[idx] > horizon
         decide = (~learned & (n_seen >= sp.learn)) | (learned & ~regular)
         at = np.flatnonzero(regular)
-        screened: dict[int, list[int]] = {}
+        screened: dict[int, list[_Candidate | int]] = {}
         if at.size:
             # A peak is above the previous sample and not below the next (tested first, on all
             # rows at once), larger than the last look_back and not smaller than the next look.
@@ -328,12 +317,36 @@ class DetectorBank:
                 found = r[is_peak]
                 decide[at[found]] = True
                 regular[at[found]] = False
-                for j, sample in zip(at[found].tolist(), (check[at][found] + c[is_peak]).tolist()):
-                    screened.setdefault(j, []).append(sample)
+                peaks = self._candidates(rows[found], col[is_peak], check[at][found] + c[is_peak])
+                for j, peak in zip(at[found].tolist(), peaks):
+                    screened.setdefault(j, []).append(peak)
             self._next_check[idx[regular]] = horizon[regular]
         return decide, screened
 
-    def _decide(self, i: int, final: bool, peaks: list[int] | None = None) -> list[RPeak]:
+    def _candidates(self, rows: np.ndarray, cols: np.ndarray, samples: np.ndarray) -> list[_Candidate | int]:
+        """``_Row._candidate`` of many integrator peaks at once (row ``rows[k]``'s peak at storage
+        column ``cols[k]``, sample ``samples[k]``): the same selections, medians and maxima over the
+        same samples, so the same values. A peak whose spans reach past its row's visible samples
+        (only just after a start) stays a sample number for the row to measure itself."""
+        sp = self.spans
+        reach = max(sp.n_int + 2, sp.baseline, sp.locate[0])
+        out: list[_Candidate | int] = samples.tolist()
+        k = np.flatnonzero(samples - reach >= self._start[rows])
+        if not k.size:
+            return out
+        row, col = rows[k][:, None], cols[k][:, None]
+        slope = np.abs(self._data[row, 1, col + np.arange(-(sp.n_int + 2), 1)]).max(axis=1)
+        base = median(self._data[row, 0, col + np.arange(-sp.baseline, 1)], axis=1)
+        seg = self._data[row, 0, col + np.arange(-sp.locate[0], 1 - min(sp.locate))]  # the R-peak's span
+        dev = np.abs(seg - base[:, None])
+        at = dev.argmax(axis=1)
+        for j, peak, height, s, r, amplitude in zip(
+                k.tolist(), samples[k].tolist(), self._data[rows[k], 2, cols[k]].tolist(), slope.tolist(),
+                (samples[k] - sp.locate[0] + at).tolist(), dev[np.arange(k.size), at].tolist()):
+            out[j] = _Candidate(peak, height, s, r, amplitude)
+        return out
+
+    def _decide(self, i: int, final: bool, peaks: list[_Candidate | int] | None = None) -> list[RPeak]:
         """Run row ``i``'s decision code on views of its window (``peaks``: what the screen found
         in the samples the row would search next)."""
         row = self._rows[i]
@@ -375,18 +388,18 @@ class _Row:
         """Sample at which a beat is overdue (searchback)."""
         return self._sb_anchor + round(self.config.searchback_rr * (self._mean_rr() or self.fs))
 
-    def _find_peaks(self, final: bool, screened: list[int] | None = None) -> None:
+    def _find_peaks(self, final: bool, screened: list[_Candidate | int] | None = None) -> None:
         """Queue integrator peaks: larger than the last ``lookback_s`` and not smaller than the next
         ``lookahead_s``. The long look back (free: it adds no delay) merges the two energy humps of
         a wide ventricular beat; the short look ahead bounds the delay. ``screened``: the bank's
-        screen already found the peaks up to the look-ahead."""
+        screen already found the peaks up to the look-ahead (measured, or as sample numbers)."""
         back, ahead = self.s.look_back, self.s.look
         end = self.n_seen if final else self.n_seen - ahead
         start = max(self.next_check, self.buf_start + back)
         if end <= start:
             return
         if screened is not None:
-            self._candidates.extend(self._candidate(peak) for peak in screened)
+            self._candidates.extend(p if isinstance(p, _Candidate) else self._candidate(p) for p in screened)
             self.next_check = end
             return
         b = self.buf_start
@@ -415,7 +428,7 @@ class _Row:
         r = lo + int(np.argmax(dev))
         return _Candidate(peak, float(self.f[peak - b]), slope, r, float(dev.max()))
 
-    def process(self, final: bool, screened: list[int] | None = None) -> list[RPeak]:
+    def process(self, final: bool, screened: list[_Candidate | int] | None = None) -> list[RPeak]:
         """Classify queued peaks and overdue-beat deadlines strictly in sample order (``screened``:
         see ``_find_peaks``)."""
         out: list[RPeak] = []
@@ -586,15 +599,29 @@ class StreamingQRSDetector:
         return self.bank.settled(self.row)
 
 
-def _fir(taps: np.ndarray, x: np.ndarray, zi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``scipy.signal.lfilter(taps, 1.0, x, zi=zi)``, computed the way lfilter computes an FIR
-    with state (full convolution, state added to its head, the tail carried on), without the
-    per-call overhead that costs more than the convolution on a 100 ms frame; same bits. One row
-    at a time: numpy and scipy have no batched convolution that sums in ``np.convolve``'s order,
-    and a different order would round differently from a stream's own detector."""
-    full = _convolve(taps, x)
-    full[: taps.size - 1] += zi
-    return full[: x.size], full[x.size :]
+def _window_sum(x: np.ndarray, n: int) -> np.ndarray:
+    """Sums of ``n`` consecutive columns of ``x`` (k, m): column t of the result sums columns
+    t .. t + n - 1, for every t up to m - n.
+
+    Each sum is built from power-of-two partial sums (pairs, pairs of pairs, ...) joined in a
+    fixed order, so it takes about 2 log2(n) array operations for all rows at once, and every
+    output is rounded the same way wherever the frames split (a running sum would not be;
+    ``lfilter``'s carried state is not either). Rows are independent: any grouping of streams
+    gives each one the same bits.
+    """
+    out_len = x.shape[1] - n + 1
+    total: np.ndarray | None = None
+    at = 0  # columns already summed into ``total``, from each window's start
+    part, width = x, 1  # part[:, t] sums columns t .. t + width - 1
+    while True:
+        if n & width:
+            piece = part[:, at : at + out_len]
+            total = piece.copy() if total is None else total + piece
+            at += width
+        if 2 * width > n:
+            return total
+        part = part[:, width:] + part[:, :-width]
+        width *= 2
 
 
 def _bandpass(sos: np.ndarray, x: np.ndarray, zi: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.signal import resample_poly
 
-from edge.detector import DetectorBank, DetectorInputError, StreamingQRSDetector, detect
+from edge.detector import DetectorBank, DetectorInputError, StreamingQRSDetector, _Candidate, detect
 from edge.records import read_record
 from edge.scoring import score_beats
 
@@ -152,31 +152,50 @@ def test_rejects_unsupported_rates(fs: float) -> None:
         StreamingQRSDetector(fs)
 
 
-def test_filters_match_scipy_to_the_bit() -> None:
-    """The detector calls scipy's sosfilt kernel and computes lfilter's FIR path itself (both to
-    skip per-call overhead): frame by frame, they must give exactly what scipy's public
-    functions give."""
+def test_band_pass_matches_scipy_to_the_bit() -> None:
+    """The detector calls scipy's sosfilt kernel directly (to skip per-call overhead): frame by
+    frame, several streams at once, it must give exactly what scipy's public function gives."""
     from scipy import signal
 
-    from edge.detector import _bandpass, _fir
+    from edge.detector import _bandpass
 
     rec = _rec("100")
     sos = signal.butter(2, [5.0, 15.0], btype="bandpass", fs=rec.fs, output="sos")
-    taps = np.full(43, 1 / 43)
-    zi_sos, zi_fir, zi_want = np.zeros((3, sos.shape[0], 2)), np.zeros(taps.size - 1), np.zeros(taps.size - 1)
-    band, feature, want_feature = [], [], []
+    zi_sos = np.zeros((3, sos.shape[0], 2))
+    band = []
     for lo, hi in pairwise([0, 1, 5, 40, 41, 400, 437, 3600]):  # frames shorter and longer than the taps
         # Row 1 of a 3-row state: the bank filters several streams' frames as one matrix.
         x = np.stack([np.zeros(hi - lo), rec.signal[lo:hi], -rec.signal[lo:hi]])
         rows = _bandpass(sos, x[[1, 2]], zi_sos, np.array([1, 2]))
         band.append(rows[0])
         assert np.array_equal(rows[1], -rows[0])
-        y, zi_fir = _fir(taps, band[-1], zi_fir)
-        feature.append(y)
-        y, zi_want = signal.lfilter(taps, 1.0, band[-1], zi=zi_want)
-        want_feature.append(y)
     assert np.array_equal(np.concatenate(band), signal.sosfilt(sos, rec.signal[:3600]))
-    assert np.array_equal(np.concatenate(feature), np.concatenate(want_feature)) and np.array_equal(zi_fir, zi_want)
+
+
+@pytest.mark.parametrize("frames", [[1], [36], [5, 40, 1, 400, 17]])
+def test_integrator_is_the_moving_mean_and_the_same_bits_in_any_split(frames: list[int]) -> None:
+    """The integrator is the mean of the last ``integration_s`` of the rectified derivative (as
+    lfilter's FIR computes it, to rounding), and every output sample is rounded the same way
+    wherever the frames split, so no split can flip a threshold comparison."""
+    from scipy import signal
+
+    rec = _rec("208")
+    x = rec.signal[:4000]
+    whole = StreamingQRSDetector(rec.fs)
+    whole.feed(x)
+    raw, deriv, feature = whole.bank.window(whole.row)
+    n_int = whole.bank.spans.n_int
+    want = signal.lfilter(np.full(n_int, 1.0 / n_int), 1.0, np.abs(deriv))
+    assert np.allclose(feature[n_int:], want[n_int:], rtol=1e-12, atol=0)
+    assert not np.array_equal(feature[n_int:], want[n_int:])  # rounded its own way: the check above is a real one
+
+    split = StreamingQRSDetector(rec.fs)
+    i = k = 0
+    while i < x.size:
+        n = frames[k % len(frames)]
+        split.feed(x[i : i + n])
+        i, k = i + n, k + 1
+    assert np.array_equal(split.bank.window(split.row), whole.bank.window(whole.row))
 
 
 # -- the bank: many streams' detectors as arrays --------------------------------------------------
@@ -240,16 +259,23 @@ def test_screened_peaks_are_the_peaks_a_rows_own_search_finds(monkeypatch) -> No
     """Rows the bank's screen sends to decide take its peaks instead of searching again: the
     beats are the same as with every row searching its own window."""
     signals = [_rec(n).signal[: 60 * 360] for n in RECORDS]
-    handed = []
+    handed, measured = [], []
     decide = DetectorBank._decide
 
     def spy(self, i, final, peaks=None):  # noqa: ANN001
         handed.append(peaks is not None)
-        return decide(self, i, final, peaks)
+        beats = decide(self, i, final, peaks)
+        for p in peaks or []:  # the screen's measurements are the row's own, to the bit
+            if isinstance(p, _Candidate):
+                own = self._rows[i]._candidate(p.sample)
+                measured.append((p.sample, p.height, p.slope, p.r_sample, p.amplitude) ==
+                                (own.sample, own.height, own.slope, own.r_sample, own.amplitude))
+        return beats
 
     monkeypatch.setattr(DetectorBank, "_decide", spy)
     screened, _ = _bank_run(signals, 360.0, lambda k, t: 36, joins=[0] * 5, restarts={})
     assert sum(handed) > 300  # most decisions came with screened peaks
+    assert len(measured) > 300 and all(measured)
 
     monkeypatch.setattr(DetectorBank, "_decide", lambda self, i, final, peaks=None: decide(self, i, final))
     searched, _ = _bank_run(signals, 360.0, lambda k, t: 36, joins=[0] * 5, restarts={})
