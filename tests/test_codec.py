@@ -350,7 +350,8 @@ def test_encode_windows_equals_encode_to_the_bit() -> None:
     windows = x[np.clip(r[:, None] + np.arange(-before, after + 1), 0, len(x) - 1)]
     assert np.array_equal(cut_windows(x, r, fs), windows)
     assert np.array_equal(encode_windows(windows, fs), encode(x, r, fs).beats)
-    for one in range(len(r)):  # one at a time takes the codec's small-batch path: same bits
+    for one in range(len(r)):  # one at a time takes the codec's small-batch paths: same bits
+        assert np.array_equal(cut_windows(x, r[one : one + 1], fs)[0], windows[one])
         assert np.array_equal(encode_windows(windows[one : one + 1], fs)[0], encode(x, r, fs).beats[one])
     with pytest.raises(CodecInputError, match="shape"):
         encode_windows(windows[:, 1:], fs)
