@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import statistics
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -216,9 +217,10 @@ class DetectorBank:
         self._free += range(new - 1, old - 1, -1)  # pop() hands out the lowest first
 
     # ----------------------------------------------------------------------------------------
-    def feed(self, rows: list[int], frames: list[np.ndarray]) -> list[list[RPeak]]:
+    def feed(self, rows: list[int], frames: list[np.ndarray]) -> list[Sequence[RPeak]]:
         """One frame for each of ``rows`` (all of one length, physical units, finite); returns each
-        row's beats decided by it. On DetectorInputError no row has changed."""
+        row's beats decided by it (most rows: one shared empty tuple, not a new list each). On
+        DetectorInputError no row has changed."""
         try:
             x = np.array(frames, dtype=np.float64)
         except ValueError:
@@ -231,7 +233,7 @@ class DetectorBank:
         n = x.shape[1]
         idx = np.array(rows, dtype=np.intp)
         if n == 0:
-            return [[] for _ in rows]
+            return [()] * len(rows)
         band = _bandpass(self._sos, x, self._zi, idx)
         # Central difference over the band-passed signal (one sample late), scaled to units/s.
         ext = np.concatenate([self._prev[idx], band], axis=1)
@@ -244,7 +246,7 @@ class DetectorBank:
         self._int_in[idx] = ext[:, n:]
         self._store(idx, n, x, deriv, feature)
         n_seen = self._n_seen[idx]
-        beats: list[list[RPeak]] = [[] for _ in rows]
+        beats: list[Sequence[RPeak]] = [()] * len(rows)
         decide, screened = self._to_decide(idx, n, n_seen)
         for j in np.flatnonzero(decide).tolist():
             beats[j] = self._decide(rows[j], final=False, peaks=screened.get(j))
@@ -567,7 +569,7 @@ class StreamingQRSDetector:
             raise DetectorInputError(f"expected a 1-D frame of samples, got shape {x.shape}")
         if x.size == 0:
             return []
-        return self.bank.feed([self.row], [x])[0]
+        return list(self.bank.feed([self.row], [x])[0])
 
     def flush(self) -> list[RPeak]:
         """End of input: decide what the missing look-ahead still allows (file mode)."""

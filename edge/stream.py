@@ -16,6 +16,7 @@ import bisect
 import logging
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,7 +148,7 @@ class BeatStream:
         """The session ended: give the detector's row back to its bank."""
         self.detector.close()
 
-    def detected(self, x: np.ndarray, now: float, peaks: list[RPeak] | None) -> None:
+    def detected(self, x: np.ndarray, now: float, peaks: Sequence[RPeak] | None) -> None:
         """The detector's beats for the next queued frame ``x`` (fed at ``now``), or None when the
         detector failed on it: then the frame is masked and the detector starts afresh on a
         masked stretch of its length, as if the frame had been dropped."""
