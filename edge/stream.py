@@ -217,18 +217,21 @@ class BeatStream:
             out.append(self._pending.popleft())
         if not out:
             return
-        r = np.array([b[0] for b in out], dtype=np.int64)
-        inside = r - self.enc_before >= self._buf_start  # decided after its input was dropped
-        inside |= self._buf_start == 0  # the session's first beats: the codec pads the start
+        # In Python integers: a stream encodes a beat or two at a time, where each numpy call on a
+        # one-element array costs more than the arithmetic.
+        r = [b[0] for b in out]
+        start, before, wait = self._buf_start, self.enc_before, self.enc_wait
         (buf,) = self._window.rows()
-        windows = codec.cut_windows(buf, codec.clip_index(r - self._buf_start, len(buf) - 1), self.fs, self.spec,
-                                    after=self.enc_wait)
-        ok = inside.copy()
-        for a, b in self._bad:
-            ok &= ~((r + self.enc_wait >= a) & (r - self.enc_before < b))
+        last = len(buf) - 1
+        windows = codec.cut_windows(buf, np.array([min(max(k - start, 0), last) for k in r]), self.fs, self.spec,
+                                    after=wait)
+        # A beat is rendered only if its window was still buffered when it was decided (or the
+        # session's start, which the codec pads) and holds no bad input.
+        ok = [(k - before >= start or start == 0) and not any(k + wait >= a and k - before < b for a, b in self._bad)
+              for k in r]
         self._ready.append(ReadyBeats(
-            r=r, windows=windows, rr=np.array([b[1] for b in out], dtype=np.float32), ok=ok,
-            arrived=np.array([b[2] for b in out]),
+            r=np.array(r, dtype=np.int64), windows=windows, rr=np.array([b[1] for b in out], dtype=np.float32),
+            ok=np.array(ok, dtype=bool), arrived=np.array([b[2] for b in out]),
         ))
 
     def ready(self, final: bool = False) -> ReadyBeats | None:
