@@ -379,13 +379,14 @@ def cut_windows(signal: np.ndarray, r_peaks: np.ndarray, fs: float, spec: CodecS
 
 
 def _cut(x: np.ndarray, r: np.ndarray, kernel: _Kernel, after: int | None = None) -> np.ndarray:
-    width = kernel.before + kernel.after + 1
-    if r.size == 1 and kernel.before <= r[0] < len(x) - kernel.after:
+    before, reach = kernel.before, kernel.after
+    if r.size == 1 and before <= (r0 := int(r[0])) < len(x) - reach:
         # A live stream's usual case, one beat with its window inside the signal: the same values
         # from one slice, without building and clipping an index row (most of a call's cost).
-        window = x[r[0] - kernel.before : r[0] + kernel.after + 1].reshape(1, width).copy()
-        if after is not None and after < kernel.after:
-            window[0, kernel.before + after + 1 :] = window[0, kernel.before + after]
+        read = reach if after is None else min(after, reach)
+        window = np.empty((1, before + reach + 1))
+        window[0, : before + read + 1] = x[r0 - before : r0 + read + 1]
+        window[0, before + read + 1 :] = x[r0 + read]
         return window
     idx = r[:, None] + np.arange(-kernel.before, kernel.after + 1)
     if after is not None and after < kernel.after:
