@@ -89,14 +89,14 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
     from edge.frames import Frame
     from edge.metrics import EdgeMetrics
     from edge.pipeline import Anonymizer, PipelineSettings
-    from edge.service import freeze_heap
+    from edge.service import tune_collector
 
     if arrivals not in ("staggered", "lockstep"):
         raise ValueError(f"arrivals must be 'staggered' or 'lockstep', not {arrivals!r}")
     tick_s = PipelineConfig().tick_s if tick_s is None else tick_s
     gc.collect()
     rss0 = _rss()
-    freeze_heap()  # as the service does when it starts
+    tune_collector()  # as the service does when it starts
     metrics = EdgeMetrics()
     anonymizer = Anonymizer(generator, classifier, PipelineSettings(seed=seed), metrics)
     n = round(frame_ms * fs / 1000)

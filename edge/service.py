@@ -23,13 +23,21 @@ from edge.pipeline import Anonymizer, StepOutput
 log = logging.getLogger(__name__)
 
 
-def freeze_heap() -> None:
-    """Keep what is alive at start (modules, models, sessions: it lives as long as the process)
-    out of the garbage collector's full passes. Those walk every tracked object; with 1,000
-    streams one took about 100 ms of the tick (measured with ``ecg-edge bench``), and every beat
-    waiting for that tick waited for it."""
+def tune_collector() -> None:
+    """Keep the garbage collector's passes out of the ticks, where every beat waiting for a tick
+    waits for them too.
+
+    What is alive at start (modules, models, sessions: it lives as long as the process) is frozen
+    out of the full passes, which walk every tracked object; with 1,000 streams one took about
+    100 ms. The first generation's threshold goes from 700 to 10,000 net new container objects:
+    the pipeline frees almost everything it makes by reference counting within a tick, so at the
+    default the collector ran about 30 times a second for nothing, 3 % of the CPU at 900 streams
+    with full passes of 50-70 ms among them; at 10,000 it runs a few times a minute (measured
+    with ``ecg-edge bench``, docs/benchmarks.md).
+    """
     gc.collect()
     gc.freeze()
+    gc.set_threshold(10_000, *gc.get_threshold()[1:])
 
 
 class EdgeService:
@@ -74,7 +82,7 @@ class EdgeService:
 
     async def run(self, sources: Sequence[AsyncIterator[SourceEvent]], stop_when_sources_end: bool = True) -> None:
         """Run until every source ends (replays, tests) or forever (live sources); close sessions."""
-        freeze_heap()
+        tune_collector()
         ticker = asyncio.create_task(self._tick(), name="edge-tick")
         tasks = [asyncio.create_task(self._consume(s), name=f"edge-source-{i}") for i, s in enumerate(sources)]
         try:
