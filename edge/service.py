@@ -32,8 +32,8 @@ def tune_collector() -> None:
     100 ms. The first generation's threshold goes from 700 to 10,000 net new container objects:
     the pipeline frees almost everything it makes by reference counting within a tick, so at the
     default the collector ran about 30 times a second for nothing, 3 % of the CPU at 900 streams
-    with full passes of 50-70 ms among them; at 10,000 it runs a few times a minute (measured
-    with ``ecg-edge bench``, docs/benchmarks.md).
+    with full passes of 50-70 ms among them; at 10,000 it ran 6-40 times in such a run instead
+    of 650-790, and never a full pass (measured with ``ecg-edge bench``, docs/benchmarks.md).
     """
     gc.collect()
     gc.freeze()
