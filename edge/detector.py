@@ -222,7 +222,7 @@ class DetectorBank:
         row's beats decided by it (most rows: one shared empty tuple, not a new list each). On
         DetectorInputError no row has changed."""
         try:
-            x = np.array(frames, dtype=np.float64)
+            x = np.asarray(frames, dtype=np.float64)  # read, never written
         except ValueError:
             x = np.empty(0)
         if x.ndim != 2 or x.shape[0] != len(rows):

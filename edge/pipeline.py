@@ -186,9 +186,7 @@ class Anonymizer:
         self._dirty.add(frame.device)
         self._fed[0] += 1
         self._fed[1] += x.size
-        n_bad = stream.feed(x, now)
-        if n_bad:
-            self.bad_input(BadInput("nan", f"{n_bad} of {x.size} samples are not finite; masked", frame.device))
+        stream.feed(x, now)  # non-finite samples are counted as bad input when the step cleans them
         return out
 
     def _open(self, frame: Frame, out: StepOutput) -> BeatStream:
@@ -249,19 +247,29 @@ class Anonymizer:
         streams = list(self._queued.values())
         self._queued.clear()
         while streams:
-            groups: dict[tuple[DetectorBank, int], list[tuple[BeatStream, np.ndarray, float]]] = {}
+            groups: dict[tuple[DetectorBank, int], list[tuple[BeatStream, np.ndarray, float, bool]]] = {}
             for stream in streams:
-                x, now = stream.queue.popleft()
-                groups.setdefault((stream.detector.bank, x.size), []).append((stream, x, now))
+                x, now, gap = stream.queue.popleft()
+                groups.setdefault((stream.detector.bank, x.size), []).append((stream, x, now, gap))
             for (bank, _), members in groups.items():
+                frames = np.array([m[1] for m in members])
+                if not np.isfinite(frames).all():  # NaN marks bad samples (and fills gaps): mask them
+                    for j, (stream, x, now, gap) in enumerate(members):
+                        x, n_bad = stream.clean(x)
+                        if n_bad:
+                            frames[j] = x
+                            members[j] = (stream, x, now, gap)
+                            if not gap:  # a gap was counted where it was found
+                                self.bad_input(BadInput("nan", f"{n_bad} of {x.size} samples are not finite; masked",
+                                                        stream.pseudonym))
                 try:
-                    peaks = bank.feed([s.detector.row for s, _, _ in members], [x for _, x, _ in members])
+                    peaks = bank.feed([m[0].detector.row for m in members], frames)
                 except Exception as exc:  # noqa: BLE001 - mask these frames, restart their detectors
                     log.error("detector failed on a frame of %d stream(s) (%s); frames masked, detectors restarted",
                               len(members), exc)
                     self.metrics.bad_input.labels("detector").inc(len(members))
                     peaks = [None] * len(members)
-                for (stream, x, now), p in zip(members, peaks):
+                for (stream, x, now, _), p in zip(members, peaks):
                     stream.detected(x, now, p)
             streams = [s for s in streams if s.queue]
 
@@ -299,7 +307,7 @@ class Anonymizer:
                 labels[label] += 1
                 self.metrics.observe_latency(latency)
             n_out += len(emitted.samples)
-            n_masked += int(np.count_nonzero(np.isnan(emitted.samples)))
+            n_masked += emitted.masked
         self._count(labels, classes, n_out, n_masked)
         return out
 

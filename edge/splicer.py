@@ -60,6 +60,7 @@ class Splicer:
         self._masks: list[tuple[int, int]] = []  # [start, end) spans to mask, not yet fully emitted
         self._last_r = 0  # R of the last beat before the cursor (session start counts as one)
         self.late = 0  # beats clipped because part of their span was already emitted
+        self.masked = False  # the last ``emit`` wrote NaN (a mask or a lost stretch reached it)
         self.dropped = 0  # beats whose R-peak was already emitted
 
     # ------------------------------------------------------------------------------------------
@@ -92,6 +93,7 @@ class Splicer:
         """Final output samples ``cursor .. until-1``; NaN where masked. Advances the cursor."""
         lo = self.cursor
         n = until - lo
+        self.masked = False
         if n <= 0:
             return np.empty(0)
         out = np.zeros(n)
@@ -106,10 +108,12 @@ class Splicer:
             for a, b in lost:
                 seg = out[a - lo : b - lo]
                 seg[weight[a - lo : b - lo] == 0] = np.nan
+            self.masked = True
         for a, b in self._masks:
             a, b = max(a, lo), min(b, until)
             if b > a:
                 out[a - lo : b - lo] = np.nan
+                self.masked = True
         self.cursor = until
         self._forget()
         return out

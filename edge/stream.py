@@ -30,8 +30,7 @@ from edge.window import SampleWindow
 
 log = logging.getLogger(__name__)
 
-#: np.sum without its wrapper (a frame's sum is the cheapest all-finite test: about a third of
-#: ``np.isfinite(x).sum()`` on a 100 ms frame, and the edge makes it once per frame per stream).
+#: np.sum without its wrapper (the same sum, same bits), for the RR means of every beat.
 _add = np.add.reduce
 
 #: RR context the stream keeps for each beat, in seconds (same definitions as the trainer's).
@@ -63,6 +62,7 @@ class Emitted:
     samples: np.ndarray  # float64 mV, NaN where masked
     beats: list[tuple[int, int, str | None]]  # (R sample, class index, version of the generator that rendered it)
     latency: list[float]  # clock seconds from each emitted beat's R arrival to this emit
+    masked: int  # samples that are NaN
 
 
 class BeatStream:
@@ -90,7 +90,7 @@ class BeatStream:
         # Frames received but not yet through the detector: the pipeline runs the detector of every
         # stream at once, at the next step (DetectorBank); ``ready`` and ``flush_detector`` run
         # what is left one frame at a time.
-        self.queue: deque[tuple[np.ndarray, float]] = deque()
+        self.queue: deque[tuple[np.ndarray, float, bool]] = deque()  # (samples, clock, a gap's fill)
         self.enc_before, self.enc_after = codec.encode_span(self.fs, spec)
         self.enc_wait = codec.encode_wait(self.fs, spec)  # post-R samples a beat waits for
         self.dec_before, _ = codec.decode_span(self.fs, spec)
@@ -103,7 +103,7 @@ class BeatStream:
         self._window = SampleWindow(1, self._keep)
         self._buf_start = 0
         self._bad: list[tuple[int, int]] = []  # [a, b) input spans that were NaN, gaps or rejected
-        self._hold = 0.0  # last finite input sample: what the detector sees inside bad spans
+        self._hold = 0.0  # last sample through the detector: what it sees where a frame starts bad
         self._pending: deque[tuple[int, tuple[float, float, float], float]] = deque()  # (r, rr, arrived) awaiting post-R input
         self._ready: list[ReadyBeats] = []  # encoded, awaiting the models
         self._arrivals: deque[tuple[int, float]] = deque()  # (input head after a frame, clock)
@@ -112,30 +112,31 @@ class BeatStream:
         self._labels: dict[int, tuple[int, float, str | None]] = {}  # R -> (class, arrival, generator) until emitted
 
     # ------------------------------------------------------------------------------------------
-    def feed(self, samples: np.ndarray, now: float) -> int:
+    def feed(self, samples: np.ndarray, now: float) -> None:
         """Take the next input samples (mV; NaN marks bad ones) into the queue for the detector.
-        Returns how many were bad."""
+        They are checked when they leave it (``clean``): the pipeline tests a whole step's frames
+        at once, where a test per frame would cost more than the rest of feeding it."""
         x = np.asarray(samples, dtype=np.float64)
-        if math.isfinite(_add(x)):  # every sample is finite (a sum that overflows takes the full check)
-            n_bad = 0
-        else:
-            bad = ~np.isfinite(x)
-            n_bad = int(bad.sum())
-        if n_bad:
-            x = x.copy()
-            for a, b in _runs(bad):
-                self._bad.append((self.head + a, self.head + b))
-                self.splicer.mask(self.head + a, self.head + b)
-                x[a:b] = x[a - 1] if a > 0 else self._hold
-        if x.size:
-            self._hold = float(x[-1])
-        self.queue.append((x, now))
+        self.queue.append((x, now, False))
         self.head += x.size
-        return n_bad
 
     def feed_gap(self, n: int, now: float) -> None:
         """``n`` samples are missing (a dropped frame): masked, and the clock moves on."""
-        self.feed(np.full(n, np.nan), now)
+        self.queue.append((np.full(n, np.nan), now, True))
+        self.head += n
+
+    def clean(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """The next queued frame as the detector sees it: each run of bad samples is masked and
+        holds the last good sample before it. Returns it and how many samples were bad."""
+        bad = ~np.isfinite(x)
+        n_bad = int(bad.sum())
+        if n_bad:
+            x = x.copy()
+            for a, b in _runs(bad):
+                self._bad.append((self._done + a, self._done + b))
+                self.splicer.mask(self._done + a, self._done + b)
+                x[a:b] = x[a - 1] if a > 0 else self._hold
+        return x, n_bad
 
     def reset_detector(self) -> None:
         """Start the detector afresh (after it failed); beats already found are kept."""
@@ -165,6 +166,8 @@ class BeatStream:
                 self._detector_offset += n
                 peaks = []
         self._window.append(x)
+        if x.size:
+            self._hold = x[-1]
         self._done += x.size
         self._arrivals.append((self._done, now))
         for peak in peaks:
@@ -181,7 +184,10 @@ class BeatStream:
     def _detect_queued(self) -> None:
         """Run the detector over queued frames one at a time (the pipeline batches them instead)."""
         while self.queue:
-            x, now = self.queue.popleft()
+            x, now, gap = self.queue.popleft()
+            x, n_bad = self.clean(x)
+            if n_bad and not gap:
+                log.warning("%s: %d of %d samples are not finite; masked", self.pseudonym, n_bad, x.size)
             try:
                 peaks = self.detector.feed(x)
             except Exception as exc:  # noqa: BLE001 - mask the frame, start the detector afresh
@@ -295,7 +301,9 @@ class BeatStream:
             label, arrived, model = self._labels.pop(r)
             emitted.append((r, label, model))
             latency.append(now - arrived)
-        return Emitted(start, samples, emitted, latency)
+        # Counted only where the splicer wrote NaN: a count per emit costs about as much as the emit's own arithmetic.
+        masked = int(np.count_nonzero(np.isnan(samples))) if self.splicer.masked else 0
+        return Emitted(start, samples, emitted, latency, masked)
 
     def memory_bytes(self) -> int:
         """Bytes held in this stream's arrays (buffers, splicer rows, detector ring, baseline block)."""
@@ -334,7 +342,7 @@ class _Recent:
         """Mean of the last ``last`` values: the same sum and division as ``np.mean`` (same bits),
         without its argument handling, which costs more than the sum of a few values."""
         x = self._data[max(self._lo, self._hi - last) : self._hi]
-        return float(x.sum()) / x.size
+        return float(_add(x)) / x.size
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:

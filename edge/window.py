@@ -51,13 +51,16 @@ class SampleWindow:
             else:
                 self._data[:, :n] = self._data[:, lo : self._end].copy()
             self._origin, self._end = self.start, n
-        for i, col in enumerate(columns):
-            self._data[i, self._end : self._end + k] = col
+        if len(columns) == 1:  # a stream's one row: one slice assignment, no loop (once per frame per stream)
+            self._data[0, self._end : self._end + k] = columns[0]
+        else:
+            for i, col in enumerate(columns):
+                self._data[i, self._end : self._end + k] = col
         self._end += k
 
     def trim(self) -> int:
         """Hide all but the last ``keep`` samples; returns how many were hidden."""
-        drop = len(self) - self.keep
+        drop = self._end - (self.start - self._origin) - self.keep  # len(self) - keep, without the call
         if drop > 0:
             self.start += drop
             return drop

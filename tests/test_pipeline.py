@@ -17,7 +17,7 @@ from edge import models
 from edge.anonymize import anonymize_signal, load_models
 from edge.detector import detect
 from edge.frames import BadInput, Frame, SessionEnd
-from edge.pipeline import Anonymizer, PipelineSettings
+from edge.pipeline import Anonymizer, PipelineSettings, StepOutput
 from edge.records import AAMI_CLASSES, AAMI_OF_SYMBOL, read_record
 from edge.replay import frames, read_wfdb
 from edge.splicer import Splicer
@@ -393,15 +393,49 @@ def test_splicer_weights_are_the_raised_cosine_ramps_to_the_bit() -> None:
         assert w.tobytes() == ref.tobytes()
 
 
-def test_a_stream_counts_non_finite_samples_only() -> None:
+def test_a_stream_counts_non_finite_samples_only_and_holds_the_last_good_one() -> None:
     from edge.persona import Persona
     from edge.stream import BeatStream
 
     rng = np.random.default_rng(0)
     stream = BeatStream(360.0, "p", Persona.draw(rng, 32), rng)
-    assert stream.feed(np.full(36, 1e300), 0.0) == 0
-    assert stream.feed(np.r_[np.ones(30), np.nan, np.inf, -np.inf, np.ones(3)], 0.1) == 3
-    assert stream.feed(np.ones(36), 0.2) == 0
+    huge = np.full(36, 1e300)  # finite, though its sum overflows
+    assert stream.clean(huge)[1] == 0 and stream.clean(huge)[0] is huge
+    x = np.r_[np.arange(30.0), np.nan, np.inf, -np.inf, np.ones(3)]
+    cleaned, n_bad = stream.clean(x)
+    assert n_bad == 3 and np.isnan(x[30])  # the caller's frame is not written
+    assert np.array_equal(cleaned, np.r_[np.arange(30.0), [29.0] * 3, np.ones(3)])
+
+
+def test_the_step_counts_each_frame_with_bad_samples_once_and_masks_them(sessions) -> None:
+    """Frames are checked a step's worth at once: a frame with NaN is one bad input, the device's
+    other frames and the other devices' frames are not, and a gap (counted by the source that
+    saw it) is masked without counting again."""
+    x, fs = _slice("100")
+    anonymizer = Anonymizer(*sessions, PipelineSettings(seed=0))
+    n, frames = 36, 200
+    out = StepOutput()
+    for k in range(frames):
+        for device in ("a", "b"):
+            if device == "a" and k == 120:
+                continue  # a dropped frame: a gap of n samples
+            frame = x[k * n : (k + 1) * n].copy()
+            if device == "a" and k in (100, 150):
+                frame[5:9] = np.nan
+            out.extend(anonymizer.feed(Frame(device, frame, fs, seq=k * n), now=k * 0.1))
+        if k % 3 == 2:
+            out.extend(anonymizer.step(now=k * 0.1))
+    out.extend(anonymizer.close())
+    assert anonymizer.metrics.bad_input.labels("nan")._value.get() == 2
+    signal = {info.pseudonym: np.zeros(frames * n) for info in out.started}
+    for f in out.frames:
+        signal[f.pseudonym][f.start : f.start + len(f.samples)] = f.samples
+    a, b = (signal[info.pseudonym] for info in out.started)
+    for k in (100, 150):
+        assert np.isnan(a[k * n + 5 : k * n + 9]).all()
+    assert np.isnan(a[120 * n : 121 * n]).all()
+    assert not np.isnan(b).any()
+    assert anonymizer.metrics.masked_samples._value.get() == np.isnan(a).sum()
 
 
 def test_a_beat_goes_to_the_models_once_its_post_r_window_has_arrived() -> None:
