@@ -204,6 +204,13 @@ class DetectorBank:
             return 0
         return max(0, int(self._n_seen[i]) - self.spans.look - 1 - self.spans.locate[0])
 
+    def settled_rows(self, rows: list[int]) -> list[int]:
+        """``settled`` of many rows at once: the pipeline asks for every stream it fed in a step,
+        and one vector operation costs less than a call per row."""
+        idx = np.array(rows, dtype=np.intp)
+        sp = self.spans
+        return np.where(self._learned[idx], np.maximum(self._n_seen[idx] - (sp.look + 1 + sp.locate[0]), 0), 0).tolist()
+
     def _grow(self) -> None:
         old = len(self._rows)
         new = max(8, 2 * old)

@@ -262,15 +262,17 @@ class Anonymizer:
                             if not gap:  # a gap was counted where it was found
                                 self.bad_input(BadInput("nan", f"{n_bad} of {x.size} samples are not finite; masked",
                                                         stream.pseudonym))
+                rows = [m[0].detector.row for m in members]
                 try:
-                    peaks = bank.feed([m[0].detector.row for m in members], frames)
+                    peaks = bank.feed(rows, frames)
+                    settled = bank.settled_rows(rows)
                 except Exception as exc:  # noqa: BLE001 - mask these frames, restart their detectors
                     log.error("detector failed on a frame of %d stream(s) (%s); frames masked, detectors restarted",
                               len(members), exc)
                     self.metrics.bad_input.labels("detector").inc(len(members))
-                    peaks = [None] * len(members)
-                for (stream, x, now, _), p in zip(members, peaks):
-                    stream.detected(x, now, p)
+                    peaks = settled = [None] * len(members)
+                for (stream, x, now, _), p, at in zip(members, peaks, settled):
+                    stream.detected(x, now, p, at)
             streams = [s for s in streams if s.queue]
 
     def step(self, now: float | None = None, final: set[str] | frozenset[str] = frozenset()) -> StepOutput:

@@ -171,6 +171,8 @@ class Splicer:
         """Stretches of [lo, hi) more than ``lost`` samples after the last R-peak: there, output no
         beat covers is masked. Walks the stretches between R-peaks (a few per emit) instead of
         testing every sample."""
+        if hi - 1 <= self._last_r + self.lost:  # every R-peak kept is later than _last_r: nothing is lost
+            return []
         rs = [b.r for b in self._beats]
         j = bisect.bisect_right(rs, lo)  # rs[j] is the first R-peak after lo
         last = rs[j - 1] if j > 0 else self._last_r
@@ -189,16 +191,17 @@ class Splicer:
     def _forget(self) -> None:
         """Drop beats and masks wholly behind the cursor, keeping the one just before the first
         live beat: its boundary with that beat shapes the live beat's fade-in."""
-        live = next((i for i, b in enumerate(self._beats) if b.start + _width(b) > self.cursor), len(self._beats))
-        drop = max(0, live - 1)
-        if drop:
-            self._last_r = self._beats[drop - 1].r
-            del self._beats[:drop]
-        self._masks = [(a, b) for a, b in self._masks if b > self.cursor]
-
-
-def _width(beat: _Placed) -> int:
-    return len(beat.row) if beat.row is not None else 0
+        cursor, beats = self.cursor, self._beats
+        live = len(beats)
+        for i, beat in enumerate(beats):  # a loop, not next(genexpr): once per emit, on two or three beats
+            if beat.start + (0 if beat.row is None else len(beat.row)) > cursor:
+                live = i
+                break
+        if live > 1:
+            self._last_r = beats[live - 2].r
+            del beats[: live - 1]
+        if self._masks:
+            self._masks = [(a, b) for a, b in self._masks if b > cursor]
 
 
 def _weight(a: int, b: int, up_lo: int, up_hi: int, down_lo: int, down_hi: int) -> np.ndarray:

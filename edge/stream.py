@@ -87,6 +87,7 @@ class BeatStream:
         self._detector_config = detector
         self.detector = StreamingQRSDetector(self.fs, detector, bank)
         self._detector_offset = 0  # input sample of the detector's sample 0 (moves when it restarts)
+        self._settled = 0  # the detector's ``settled`` after the last frame (read by every ``horizon``)
         # Frames received but not yet through the detector: the pipeline runs the detector of every
         # stream at once, at the next step (DetectorBank); ``ready`` and ``flush_detector`` run
         # what is left one frame at a time.
@@ -144,16 +145,19 @@ class BeatStream:
         self.detector = StreamingQRSDetector(self.fs, self._detector_config, self.detector.bank)
         # The new detector counts from zero: offset its output by the samples it has not seen.
         self._detector_offset = self._done
+        self._settled = 0
 
     def close(self) -> None:
         """The session ended: give the detector's row back to its bank."""
         self.detector.close()
 
-    def detected(self, x: np.ndarray, now: float, peaks: Sequence[RPeak] | None) -> None:
+    def detected(self, x: np.ndarray, now: float, peaks: Sequence[RPeak] | None, settled: int | None = None) -> None:
         """The detector's beats for the next queued frame ``x`` (fed at ``now``), or None when the
         detector failed on it: then the frame is masked and the detector starts afresh on a
-        masked stretch of its length, as if the frame had been dropped."""
+        masked stretch of its length, as if the frame had been dropped. ``settled``: the
+        detector's ``settled`` after the frame, where the caller has it."""
         if peaks is None:
+            settled = None
             self.reset_detector()
             n = x.size
             self._bad.append((self._done, self._done + n))
@@ -165,6 +169,7 @@ class BeatStream:
                 self.reset_detector()
                 self._detector_offset += n
                 peaks = []
+        self._settled = self.detector.settled if settled is None else settled
         self._window.append(x)
         if x.size:
             self._hold = x[-1]
@@ -276,7 +281,7 @@ class BeatStream:
         """Output before this sample is final: no beat still to come can reach it."""
         if final:
             return self.head
-        h = self._detector_offset + self.detector.settled - self.dec_before
+        h = self._detector_offset + self._settled - self.dec_before
         if self._ready:
             h = min(h, int(self._ready[0].r[0]) - self.dec_before)
         elif self._pending:

@@ -224,8 +224,11 @@ def _bank_run(signals: list[np.ndarray], fs: float, lengths, joins: list[int], r
             pos[k] += x.size
             groups.setdefault(x.size, []).append((k, x))
         for members in groups.values():
-            for (k, _), beats in zip(members, bank.feed([dets[k].row for k, _ in members], [x for _, x in members])):
+            rows = [dets[k].row for k, _ in members]
+            for (k, _), beats in zip(members, bank.feed(rows, [x for _, x in members])):
                 got[k].extend(beats)
+            # The pipeline's form of each row's ``settled`` (0 while learning, then behind n_seen).
+            assert bank.settled_rows(rows) == [dets[k].settled for k, _ in members]
         tick += 1
     for k, det in dets.items():
         got[k].extend(det.flush())
