@@ -52,6 +52,7 @@ class BenchResult:
     latency_max: float
     bytes_per_stream: float  # RSS growth per stream
     array_bytes_per_stream: float  # what the streams' own buffers hold
+    clock: str = "cpu"  # "fixed": the latency figures leave out the compute, so they are not shown
 
     @property
     def realtime_factor(self) -> float:
@@ -73,7 +74,8 @@ def _rss() -> int:
 
 
 def run_once(generator, classifier, streams: int, seconds: float, frame_ms: float, signal: np.ndarray,
-             fs: float, seed: int = 0, arrivals: str = "staggered", tick_s: float | None = None) -> BenchResult:
+             fs: float, seed: int = 0, arrivals: str = "staggered", tick_s: float | None = None,
+             clock: str = "cpu") -> BenchResult:
     """One run of ``streams`` wearables for ``seconds`` (after the warm-up).
 
     ``arrivals="staggered"``: each wearable joins at its own time in the first ``JOIN_S`` and its
@@ -84,6 +86,9 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
     cannot keep up falls behind and the latency shows it. ``arrivals="lockstep"``: every
     wearable's frame arrives at the same instant and one step handles them all, the worst case
     for latency (the last beat of a tick waits for the whole tick's compute).
+
+    ``clock="fixed"``: the clock moves by the schedule alone, so every machine does the same work
+    (the same frames, steps and batches); what the compute costs shows only in ``cpu_s``.
     """
     from edge.config import PipelineConfig
     from edge.frames import Frame
@@ -93,6 +98,9 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
 
     if arrivals not in ("staggered", "lockstep"):
         raise ValueError(f"arrivals must be 'staggered' or 'lockstep', not {arrivals!r}")
+    if clock not in ("cpu", "fixed"):
+        raise ValueError(f"clock must be 'cpu' or 'fixed', not {clock!r}")
+    mode, on_cpu = clock, clock == "cpu"  # (``clock`` is the simulated time from here on)
     tick_s = PipelineConfig().tick_s if tick_s is None else tick_s
     gc.collect()
     rss0 = _rss()
@@ -137,12 +145,12 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
             wearables += t1 - t0
         for frame, at in arrived:
             anonymizer.feed(frame, now=at)
-        clock += time.thread_time() - t1
+        clock += on_cpu * (time.thread_time() - t1)
         t1 = time.thread_time()
         anonymizer.step(now=clock)
         # The pipeline stamps a beat's latency with the clock step was given; its surrogate goes
         # out when step returns, so the step's own compute (detection, models, splicing) is added.
-        in_step = time.thread_time() - t1
+        in_step = on_cpu * (time.thread_time() - t1)
         clock += in_step
         if beats0 is not None:
             latency.extend(v + in_step for v in metrics.recent_latency)
@@ -160,6 +168,7 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
         simulated_s=(int(sent.sum()) - fed0) * frame_s / streams, cpu_s=cpu, wall_s=wall,
         beats=int(beats), latency_p50=float(np.percentile(lat, 50)), latency_p99=float(np.percentile(lat, 99)),
         latency_max=float(lat.max()), bytes_per_stream=rss / streams, array_bytes_per_stream=float(arrays),
+        clock=mode,
     )
 
 
@@ -177,9 +186,15 @@ def table(results: list[BenchResult]) -> str:
     for r in results:
         rows.append(
             f"| {r.generator} | {r.arrivals} | {r.frame_ms:g} ms | {r.streams} | {r.realtime_factor:.2f} | {r.sustained_streams:.0f} | {r.us_per_beat:.0f} | "
-            f"{r.latency_p50:.3f} / {r.latency_p99:.3f} / {r.latency_max:.3f} | {r.bytes_per_stream / 1024:.0f} KiB | "
+            f"{_latency(r)} | {r.bytes_per_stream / 1024:.0f} KiB | "
             f"{r.array_bytes_per_stream / 1024:.0f} KiB |")
     return "\n".join(rows)
+
+
+def _latency(r: BenchResult) -> str:
+    if r.clock == "fixed":
+        return "- (fixed clock)"
+    return f"{r.latency_p50:.3f} / {r.latency_p99:.3f} / {r.latency_max:.3f}"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -209,7 +224,8 @@ def main(args: argparse.Namespace) -> int:
         for arrivals in args.arrivals:
             for frame_ms in args.frame_ms:
                 for n in args.streams:
-                    r = run_once(g, cls, n, args.seconds, frame_ms, signal, fs, arrivals=arrivals)
+                    r = run_once(g, cls, n, args.seconds, frame_ms, signal, fs, arrivals=arrivals,
+                                 clock=args.clock)
                     results.append(r)
                     print(table([r]).splitlines()[-1], flush=True)
     wait = codec.encode_wait(fs) / fs
@@ -257,4 +273,5 @@ measured after {WARM_UP_S:g} s of warm-up.
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main(argparse.Namespace(streams=[10], seconds=5.0, frame_ms=[100.0], arrivals=["staggered"], peer=False, output=Path("-"))))
+    sys.exit(main(argparse.Namespace(streams=[10], seconds=5.0, frame_ms=[100.0], arrivals=["staggered"], peer=False, clock="cpu",
+                                         output=Path("-"))))

@@ -156,6 +156,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="staggered: each wearable's frames on its own phase, stepped on the service's tick; "
                     "lockstep: every frame at once, one step per frame (the latency worst case); default both")
     be.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also run the torch generator row")
+    be.add_argument("--clock", choices=("cpu", "fixed"), default="cpu",
+                    help="cpu: simulated time advances by the edge's CPU time, so a slow core falls behind (default); "
+                    "fixed: the same ticks whatever the compute takes, the same work on any machine, for comparing "
+                    "two versions by instruction counts (valgrind --tool=callgrind); its latency figures mean nothing")
     be.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"), help="'-' for none")
 
     bf = sub.add_parser(

@@ -250,7 +250,7 @@ def test_pipeline_benchmark_runs_and_writes_its_table(tmp_path: Path) -> None:
 
     out = tmp_path / "benchmarks.md"
     assert bench.main(argparse.Namespace(streams=[4], seconds=3.0, frame_ms=[100.0], arrivals=["staggered", "lockstep"],
-                                         peer=False, output=out)) == 0
+                                         peer=False, clock="cpu", output=out)) == 0
     text = out.read_text()
     assert "| GeneratorSession | staggered | 100 ms | 4 |" in text
     assert "| GeneratorSession | lockstep | 100 ms | 4 |" in text
@@ -275,6 +275,22 @@ def test_pipeline_benchmark_latency_is_the_post_r_wait_plus_frame_and_tick(arriv
     assert wait - frame_s <= r.latency_p50 <= r.latency_max <= wait + frame_s + 0.02 + 0.25
     assert r.simulated_s == pytest.approx(4.0, abs=0.1)
     assert r.realtime_factor > 1
+
+
+def test_pipeline_benchmark_on_a_fixed_clock_does_the_same_work_every_time() -> None:
+    """The fixed clock is for comparing versions by instruction counts: the frames, steps and
+    beats must not depend on how long the compute took."""
+    from edge import bench
+    from edge.anonymize import load_models
+    from edge.cli import bundled_record
+    from edge.replay import read_wfdb
+
+    signal, fs, _ = read_wfdb(bundled_record())
+    gen, cls = load_models()
+    runs = [bench.run_once(gen, cls, 5, 3.0, 100.0, signal, fs, clock="fixed") for _ in range(2)]
+    assert runs[0].beats == runs[1].beats > 5 * 3 * 0.8
+    assert runs[0].simulated_s == runs[1].simulated_s == pytest.approx(3.0, abs=0.1)
+    assert "- (fixed clock)" in bench.table(runs)
 
 
 def test_fleet_benchmark_counts_every_frame_through_mosquitto(tmp_path: Path) -> None:
