@@ -202,14 +202,19 @@ class DetectorBank:
         """See :attr:`StreamingQRSDetector.settled`."""
         if not self._learned[i]:
             return 0
-        return max(0, int(self._n_seen[i]) - self.spans.look - 1 - self.spans.locate[0])
+        return max(0, int(self._n_seen[i]) - self._settle_lag)
 
     def settled_rows(self, rows: list[int]) -> list[int]:
         """``settled`` of many rows at once: the pipeline asks for every stream it fed in a step,
         and one vector operation costs less than a call per row."""
         idx = np.array(rows, dtype=np.intp)
-        sp = self.spans
-        return np.where(self._learned[idx], np.maximum(self._n_seen[idx] - (sp.look + 1 + sp.locate[0]), 0), 0).tolist()
+        return np.where(self._learned[idx], np.maximum(self._n_seen[idx] - self._settle_lag, 0), 0).tolist()
+
+    @property
+    def _settle_lag(self) -> int:
+        """Samples ``settled`` stays behind the last sample seen: the look-ahead, and the R-peak's
+        reach before its integrator peak."""
+        return self.spans.look + 1 + self.spans.locate[0]
 
     def _grow(self) -> None:
         old = len(self._rows)
