@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 MIN_FS = 100.0
 MAX_FS = 2000.0
+#: ``searchback_floor`` of a detector that holds no peak a searchback could still return.
+NO_FLOOR = 2**62
 
 
 class DetectorInputError(ValueError):
@@ -164,6 +166,7 @@ class DetectorBank:
         self._next_check = np.zeros(0, dtype=np.int64)  # first sample not yet tested as an integrator peak
         self._deadline = np.zeros(0, dtype=np.int64)  # next overdue-beat deadline
         self._learned = np.zeros(0, dtype=bool)
+        self._floor = np.zeros(0, dtype=np.int64)  # searchback_floor: earliest R of a peak held for searchback
 
     # ----------------------------------------------------------------------------------------
     def add(self) -> int:
@@ -174,6 +177,7 @@ class DetectorBank:
         for a in (self._zi, self._prev, self._int_in, self._origin, self._end, self._start, self._n_seen,
                   self._next_check, self._deadline, self._learned):
             a[i] = 0
+        self._floor[i] = NO_FLOOR
         self._rows[i] = _Row(self)
         return i
 
@@ -204,11 +208,16 @@ class DetectorBank:
             return 0
         return max(0, int(self._n_seen[i]) - self._settle_lag)
 
-    def settled_rows(self, rows: list[int]) -> list[int]:
-        """``settled`` of many rows at once: the pipeline asks for every stream it fed in a step,
-        and one vector operation costs less than a call per row."""
+    def searchback_floor(self, i: int) -> int:
+        """See :attr:`StreamingQRSDetector.searchback_floor`."""
+        return int(self._floor[i])
+
+    def settled_rows(self, rows: list[int]) -> tuple[list[int], list[int]]:
+        """``settled`` and ``searchback_floor`` of many rows at once: the pipeline asks for every
+        stream it fed in a step, and one vector operation costs less than a call per row."""
         idx = np.array(rows, dtype=np.intp)
-        return np.where(self._learned[idx], np.maximum(self._n_seen[idx] - self._settle_lag, 0), 0).tolist()
+        settled = np.where(self._learned[idx], np.maximum(self._n_seen[idx] - self._settle_lag, 0), 0)
+        return settled.tolist(), self._floor[idx].tolist()
 
     @property
     def _settle_lag(self) -> int:
@@ -220,7 +229,7 @@ class DetectorBank:
         old = len(self._rows)
         new = max(8, 2 * old)
         for name in ("_zi", "_prev", "_int_in", "_data", "_origin", "_end", "_start", "_n_seen", "_next_check",
-                     "_deadline", "_learned"):
+                     "_deadline", "_learned", "_floor"):
             a = getattr(self, name)
             grown = np.zeros((new, *a.shape[1:]), dtype=a.dtype)
             grown[:old] = a
@@ -372,6 +381,7 @@ class DetectorBank:
         self._next_check[i] = row.next_check
         self._learned[i] = row.learned
         self._deadline[i] = row.deadline()
+        self._floor[i] = row.searchback_floor()
         return beats
 
 
@@ -397,6 +407,10 @@ class _Row:
         self._sb_anchor = 0  # overdue-beat deadlines count from here (last beat or last deadline)
         self._pending: list[_Candidate] = []  # peaks below threshold since the last beat
         self._candidates: deque[_Candidate] = deque()  # found but not yet classified
+
+    def searchback_floor(self) -> int:
+        """Earliest R-peak among the peaks a searchback may still take (``NO_FLOOR``: none)."""
+        return min(c.r_sample for c in self._pending) if self._pending else NO_FLOOR
 
     def deadline(self) -> int:
         """Sample at which a beat is overdue (searchback)."""
@@ -608,9 +622,18 @@ class StreamingQRSDetector:
     @property
     def settled(self) -> int:
         """Every beat with its R-peak before this sample has been returned, bar one a searchback
-        may still find: an integrator peak is judged ``lookahead_s`` after it, and the R-peak lies
-        at most ``locate_s[0]`` before the peak. Zero while the thresholds are being learnt."""
+        may still find (see ``searchback_floor``): an integrator peak is judged ``lookahead_s``
+        after it, and the R-peak lies at most ``locate_s[0]`` before the peak. Zero while the
+        thresholds are being learnt."""
         return self.bank.settled(self.row)
+
+    @property
+    def searchback_floor(self) -> int:
+        """No searchback can return a beat with its R-peak before this sample (``NO_FLOOR`` when it
+        holds no peak to search back to). A searchback takes one of the peaks judged too small since
+        the last beat, up to 1.5 RR later; a stream that must never have emitted a beat's R-peak
+        before it is decided keeps its output behind this as well as behind ``settled``."""
+        return self.bank.searchback_floor(self.row)
 
 
 def _window_sum(x: np.ndarray, n: int) -> np.ndarray:

@@ -272,14 +272,14 @@ class Anonymizer:
                 rows = [m[0].detector.row for m in members]
                 try:
                     peaks = bank.feed(rows, frames)
-                    settled = bank.settled_rows(rows)
+                    settled, floors = bank.settled_rows(rows)
                 except Exception as exc:  # noqa: BLE001 - mask these frames, restart their detectors
                     log.error("detector failed on a frame of %d stream(s) (%s); frames masked, detectors restarted",
                               len(members), exc)
                     self.metrics.bad_input.labels("detector").inc(len(members))
-                    peaks = settled = [None] * len(members)
-                for (stream, x, now, _), p, at in zip(members, peaks, settled):
-                    stream.detected(x, now, p, at)
+                    peaks = settled = floors = [None] * len(members)
+                for (stream, x, now, _), p, at, floor in zip(members, peaks, settled, floors):
+                    stream.detected(x, now, p, at, floor)
             streams = [s for s in streams if s.queue]
 
     def step(self, now: float | None = None, final: set[str] | frozenset[str] = frozenset()) -> StepOutput:

@@ -23,7 +23,7 @@ import numpy as np
 
 from edge import codec
 from edge.codec import CodecSpec
-from edge.detector import DetectorBank, DetectorConfig, RPeak, StreamingQRSDetector
+from edge.detector import NO_FLOOR, DetectorBank, DetectorConfig, RPeak, StreamingQRSDetector
 from edge.persona import BaselineTrack, Persona
 from edge.splicer import Splicer
 from edge.window import SampleWindow
@@ -88,6 +88,7 @@ class BeatStream:
         self.detector = StreamingQRSDetector(self.fs, detector, bank)
         self._detector_offset = 0  # input sample of the detector's sample 0 (moves when it restarts)
         self._settled = 0  # the detector's ``settled`` after the last frame (read by every ``horizon``)
+        self._floor = NO_FLOOR  # ... and its ``searchback_floor``
         # Frames received but not yet through the detector: the pipeline runs the detector of every
         # stream at once, at the next step (DetectorBank); ``ready`` and ``flush_detector`` run
         # what is left one frame at a time.
@@ -146,16 +147,19 @@ class BeatStream:
         # The new detector counts from zero: offset its output by the samples it has not seen.
         self._detector_offset = self._done
         self._settled = 0
+        self._floor = NO_FLOOR
 
     def close(self) -> None:
         """The session ended: give the detector's row back to its bank."""
         self.detector.close()
 
-    def detected(self, x: np.ndarray, now: float, peaks: Sequence[RPeak] | None, settled: int | None = None) -> None:
+    def detected(self, x: np.ndarray, now: float, peaks: Sequence[RPeak] | None, settled: int | None = None,
+                 floor: int = NO_FLOOR) -> None:
         """The detector's beats for the next queued frame ``x`` (fed at ``now``), or None when the
         detector failed on it: then the frame is masked and the detector starts afresh on a
-        masked stretch of its length, as if the frame had been dropped. ``settled``: the
-        detector's ``settled`` after the frame, where the caller has it."""
+        masked stretch of its length, as if the frame had been dropped. ``settled`` and
+        ``floor``: the detector's ``settled`` and ``searchback_floor`` after the frame, where the
+        caller has them."""
         if peaks is None:
             settled = None
             self.reset_detector()
@@ -169,7 +173,9 @@ class BeatStream:
                 self.reset_detector()
                 self._detector_offset += n
                 peaks = []
-        self._settled = self.detector.settled if settled is None else settled
+        if settled is None:
+            settled, floor = self.detector.settled, self.detector.searchback_floor
+        self._settled, self._floor = settled, floor
         self._window.append(x)
         if x.size:
             self._hold = x[-1]
@@ -278,10 +284,11 @@ class BeatStream:
         return masked, dropped
 
     def horizon(self, final: bool = False) -> int:
-        """Output before this sample is final: no beat still to come can reach it."""
+        """Output before this sample is final: no beat still to come can reach it, including one
+        that a searchback may still find among the peaks the detector judged too small."""
         if final:
             return self.head
-        h = self._detector_offset + self._settled - self.dec_before
+        h = self._detector_offset + min(self._settled - self.dec_before, self._floor - self.dec_before)
         if self._ready:
             h = min(h, int(self._ready[0].r[0]) - self.dec_before)
         elif self._pending:

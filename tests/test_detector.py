@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.signal import resample_poly
 
-from edge.detector import DetectorBank, DetectorInputError, StreamingQRSDetector, _Candidate, detect
+from edge.detector import NO_FLOOR, DetectorBank, DetectorInputError, StreamingQRSDetector, _Candidate, detect
 from edge.records import read_record
 from edge.scoring import score_beats
 
@@ -84,6 +84,23 @@ def test_delay_is_bounded() -> None:
     delays = np.array([(p.decided_at - p.sample) / rec.fs for p in peaks[3:]])  # after learning
     assert np.all(delays > 0)
     assert np.percentile(delays, 99) <= 0.25
+
+
+@pytest.mark.parametrize("name", RECORDS)
+def test_no_beat_comes_before_settled_or_the_searchback_floor(name: str) -> None:
+    """``settled`` bounds the ordinary beats; a searchback can still return one before it, but
+    never before the ``searchback_floor`` reported after the previous frame (what lets a stream
+    emit output without ever having to drop a beat). 232's pauses have such beats."""
+    rec = _rec(name)
+    det = StreamingQRSDetector(rec.fs)
+    settled, floor, behind_settled = 0, NO_FLOOR, 0
+    for i in range(0, rec.signal.size, 36):
+        for p in det.feed(rec.signal[i : i + 36]):
+            assert p.sample >= min(settled, floor), (p, settled, floor)
+            behind_settled += p.sample < settled
+        settled, floor = det.settled, det.searchback_floor
+    if name == "232":
+        assert behind_settled >= 2  # the floor is what held them
 
 
 def test_decided_at_is_when_a_one_sample_stream_sees_the_beat() -> None:
@@ -227,8 +244,10 @@ def _bank_run(signals: list[np.ndarray], fs: float, lengths, joins: list[int], r
             rows = [dets[k].row for k, _ in members]
             for (k, _), beats in zip(members, bank.feed(rows, [x for _, x in members])):
                 got[k].extend(beats)
-            # The pipeline's form of each row's ``settled`` (0 while learning, then behind n_seen).
-            assert bank.settled_rows(rows) == [dets[k].settled for k, _ in members]
+            # The pipeline's form of each row's ``settled`` (0 while learning, then behind n_seen)
+            # and ``searchback_floor``.
+            assert bank.settled_rows(rows) == ([dets[k].settled for k, _ in members],
+                                               [dets[k].searchback_floor for k, _ in members])
         tick += 1
     for k, det in dets.items():
         got[k].extend(det.flush())

@@ -145,17 +145,17 @@ def test_no_model_means_masked_output(sessions) -> None:
 
 # -- promise 2: timing is kept ---------------------------------------------------------------------
 @pytest.mark.parametrize("name", SLICES)
-def test_every_beat_is_emitted_at_its_input_sample(sessions, name: str) -> None:
+@pytest.mark.parametrize("frame_s", [0.1, 0.25])
+def test_every_beat_is_emitted_at_its_input_sample(sessions, name: str, frame_s: float) -> None:
+    """Every beat the detector finds comes out at its sample, including those a searchback finds
+    well after the output reached them (232's pauses: the stream holds its output behind the
+    detector's ``searchback_floor``; without it two of them went out as baseline)."""
     x, fs = _slice(name)
-    anonymizer, out = _run(sessions, x, fs)
+    anonymizer, out = _run(sessions, x, fs, frame_s=frame_s)
     detected = np.array([p.sample for p in detect(x, fs)])
     assert len(out.signal) == len(x) and out.fs == fs
-    assert set(out.beat_samples.tolist()) <= set(detected.tolist())
-    assert len(out.beat_samples) >= len(detected) - 2
-    assert anonymizer.metrics.late_beats._value.get() <= 2
-    # The output's RR series is the input's.
-    kept = np.isin(detected, out.beat_samples)
-    assert np.array_equal(np.diff(detected[kept]), np.diff(out.beat_samples))
+    assert np.array_equal(out.beat_samples, detected)
+    assert anonymizer.metrics.late_beats._value.get() == 0
 
 
 def test_our_detector_finds_the_surrogates_where_the_input_beats_were(sessions) -> None:
