@@ -348,8 +348,8 @@ class Anonymizer:
         return None if stream.timestamp0 is None else stream.timestamp0 + sample / stream.fs
 
     def _render(self, ready: list[tuple[str, BeatStream, ReadyBeats]]) -> None:
-        rr = np.concatenate([r.rr for _, _, r in ready])
-        ok = np.concatenate([r.ok for _, _, r in ready])
+        rr = np.array([v for _, _, r in ready for v in r.rr], dtype=np.float32).reshape(-1, len(RR_FEATURES))
+        ok = np.array([v for _, _, r in ready for v in r.ok], dtype=bool)
         n = len(rr)
         batch = _Batch.of(ready)
         self.metrics.batch_beats.observe(n)
@@ -504,7 +504,7 @@ def _decode(ready: list[tuple[str, BeatStream, ReadyBeats]], batch: _Batch, ok: 
     counts = np.diff(batch.starts)
     owner = np.repeat(np.arange(len(ready)), counts)  # the ready entry of each beat in the batch
     row_of = np.cumsum(ok) - 1  # index into ``surrogates`` of each ok beat
-    r_all = np.concatenate([r.r for _, _, r in ready])
+    r_all = np.array([k for _, _, r in ready for k in r.r], dtype=np.int64)
     gain_all = np.repeat([s.persona.amplitude_mv for _, s, _ in ready], counts)
     out: dict[int, codec.DecodedBeats] = {}
     for fs, members in batch.by_rate.items():

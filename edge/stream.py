@@ -45,13 +45,15 @@ KEEP_EXTRA_S = 1.5
 
 @dataclass
 class ReadyBeats:
-    """Beats of one stream whose post-R samples have all arrived: model input, never output."""
+    """Beats of one stream whose post-R samples have all arrived: model input, never output.
+    Python lists but for the windows: a stream hands over a beat or two per step, and the batch
+    makes one array of each from every stream's lists (an array per stream costs more)."""
 
-    r: np.ndarray  # int64 (k,) R-peak samples
+    r: list[int]  # R-peak samples
     windows: np.ndarray  # float64 (k, W) input around each R (codec.encode_span), encoded for the classifier in the batch
-    rr: np.ndarray  # float32 (k, 3) RR_FEATURES
-    ok: np.ndarray  # bool (k,): window free of bad input; False beats are masked, not rendered
-    arrived: np.ndarray  # float (k,) clock time the R-peak sample arrived
+    rr: list[tuple[float, float, float]]  # RR_FEATURES
+    ok: Sequence[bool]  # window free of bad input; False beats are masked, not rendered
+    arrived: list[float]  # clock time the R-peak sample arrived
 
 
 @dataclass
@@ -246,10 +248,7 @@ class BeatStream:
         # session's start, which the codec pads) and holds no bad input.
         ok = [(k - before >= start or start == 0) and not any(k + wait >= a and k - before < b for a, b in self._bad)
               for k in r]
-        self._ready.append(ReadyBeats(
-            r=np.array(r, dtype=np.int64), windows=windows, rr=np.array([b[1] for b in out], dtype=np.float32),
-            ok=np.array(ok, dtype=bool), arrived=np.array([b[2] for b in out]),
-        ))
+        self._ready.append(ReadyBeats(r, windows, [b[1] for b in out], ok, [b[2] for b in out]))
 
     def ready(self, final: bool = False) -> ReadyBeats | None:
         """Encoded beats waiting for the models (at the end of input, all of them)."""
@@ -261,8 +260,9 @@ class BeatStream:
         parts, self._ready = self._ready, []
         if len(parts) == 1:
             return parts[0]
-        return ReadyBeats(*(np.concatenate([getattr(p, f) for p in parts])
-                            for f in ("r", "windows", "rr", "ok", "arrived")))
+        return ReadyBeats([k for p in parts for k in p.r], np.concatenate([p.windows for p in parts]),
+                          [v for p in parts for v in p.rr], [v for p in parts for v in p.ok],
+                          [v for p in parts for v in p.arrived])
 
     def render(self, ready: ReadyBeats, labels: np.ndarray, rows: codec.DecodedBeats | None,
                model: str | None = None) -> tuple[int, int]:
@@ -271,12 +271,12 @@ class BeatStream:
         Returns (beats masked, beats dropped as too late)."""
         masked = dropped = 0
         k = 0
-        for i, sample in enumerate(ready.r.tolist()):
+        for i, sample in enumerate(ready.r):
             if ready.ok[i] and rows is not None:
                 placed = self.splicer.place(sample, int(rows.start[k]), rows.samples[k])
                 k += 1
                 if placed:
-                    self._labels[sample] = (int(labels[i]), float(ready.arrived[i]), model)
+                    self._labels[sample] = (int(labels[i]), ready.arrived[i], model)
             else:
                 placed = self.splicer.place(sample, sample - self.dec_before, None, 2 * self.dec_before + 1)
                 masked += placed
@@ -290,7 +290,7 @@ class BeatStream:
             return self.head
         h = self._detector_offset + min(self._settled - self.dec_before, self._floor - self.dec_before)
         if self._ready:
-            h = min(h, int(self._ready[0].r[0]) - self.dec_before)
+            h = min(h, self._ready[0].r[0] - self.dec_before)
         elif self._pending:
             h = min(h, self._pending[0][0] - self.dec_before)
         return max(h, self.splicer.cursor)

@@ -487,7 +487,7 @@ def test_a_beat_goes_to_the_models_once_its_post_r_window_has_arrived() -> None:
         stream.feed(x[start : start + 9], 0.0)
         ready = stream.ready()
         if ready is not None:
-            late += (stream.head - 1 - (ready.r + wait)).tolist()
+            late += [stream.head - 1 - (r + wait) for r in ready.r]
     late = np.array(late)
     assert len(late) > 140 and (late >= 0).all()
     # Most beats were decided before their window was complete: they went out within one frame
