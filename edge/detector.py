@@ -307,20 +307,23 @@ class DetectorBank:
         """Which rows have something to decide after a frame of ``n`` samples: the vectorised form of
         the checks at the top of ``_Row.process``. A row whose samples up to the look-ahead hold no
         integrator peak and no overdue-beat deadline, and that has finished learning, has nothing.
-        Also returns, for rows the screen sent to decide, the integrator peaks it found (the same
-        samples ``_Row._find_peaks`` would, in order), so that the row does not search again; see
-        ``_candidates`` for their form."""
+        Also returns, for screened rows sent to decide, the integrator peaks the screen found (the
+        same samples ``_Row._find_peaks`` would, in order; none, for a row sent only by its
+        deadline), so that the row does not search again; see ``_candidates`` for their form."""
         sp = self.spans
         learned = self._learned[idx]
         check = self._next_check[idx]
         horizon = n_seen - sp.look
-        # Regular rows: the last frame was screened too, so the samples to test are this frame's
+        # Screened rows: the last frame was screened too, so the samples to test are this frame's
         # n, shifted back by the look-ahead, and their look-back lies inside the window.
-        regular = learned & (check + n == horizon) & (check >= self._start[idx] + sp.look_back)
-        regular &= self._deadline[idx] > horizon
+        screen = learned & (check + n == horizon) & (check >= self._start[idx] + sp.look_back)
+        # An overdue-beat deadline sends a row to decide, but its samples are screened all the same
+        # (at 0.56 s frames, as a Polar H10 sends, about half of all frames pass a deadline).
+        overdue = screen & (self._deadline[idx] <= horizon)
+        regular = screen & ~overdue
         decide = (~learned & (n_seen >= sp.learn)) | (learned & ~regular)
-        at = np.flatnonzero(regular)
-        screened: dict[int, list[_Candidate | int]] = {}
+        at = np.flatnonzero(screen)
+        screened: dict[int, list[_Candidate | int]] = {j: [] for j in np.flatnonzero(overdue).tolist()}
         if at.size:
             # A peak is above the previous sample and not below the next (tested first, on all
             # rows at once), larger than the last look_back and not smaller than the next look.
