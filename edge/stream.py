@@ -288,7 +288,7 @@ class BeatStream:
         that a searchback may still find among the peaks the detector judged too small."""
         if final:
             return self.head
-        h = self._detector_offset + min(self._settled - self.dec_before, self._floor - self.dec_before)
+        h = self._detector_offset + min(self._settled, self._floor) - self.dec_before
         if self._ready:
             h = min(h, self._ready[0].r[0] - self.dec_before)
         elif self._pending:
