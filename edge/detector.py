@@ -149,6 +149,7 @@ class DetectorBank:
         self._sos = signal.butter(2, [low, high], btype="bandpass", fs=fs, output="sos")
         self.spans = sp = _Spans.of(self.fs, cfg)
         self._width = sp.keep + max(sp.keep // 2, 1)  # storage columns: the kept samples plus slack
+        self._history = sp.keep  # raw samples every row holds at least (``keep_history``)
         self._rows: list[_Row | None] = []
         self._free: list[int] = []
         # Per row: band-pass state (the kernel's (rows, sections, 2)), the last two band-passed
@@ -201,6 +202,23 @@ class DetectorBank:
     def window(self, i: int) -> np.ndarray:
         """Row ``i``'s visible (raw, derivative, integrator) samples, a (3, n) view."""
         return self._data[i, :, int(self._start[i] - self._origin[i]) : int(self._end[i])]
+
+    def keep_history(self, n: int) -> None:
+        """Hold at least the last ``n`` raw samples of every row in storage (``history``), where
+        the detector itself needs fewer: a stream cuts its beats' encoder windows from them
+        instead of keeping a copy of its own input."""
+        if n <= self._history:
+            return
+        self._history = n
+        width = n + max(self.spans.keep // 2, 1)
+        if width > self._width:
+            self._widen(width)
+
+    def history(self, i: int) -> tuple[int, np.ndarray]:
+        """Row ``i``'s raw samples as stored: the sample number of the first, and a view up to the
+        last sample seen. At least the last ``keep_history`` samples and all of the last frame,
+        however long (more than ``window`` shows); valid until the row's next frame."""
+        return int(self._origin[i]), self._data[i, 0, : int(self._end[i])]
 
     def settled(self, i: int) -> int:
         """See :attr:`StreamingQRSDetector.settled`."""
@@ -286,14 +304,14 @@ class DetectorBank:
         full = end + n > self._width
         if full.any():  # the slack is used up: move the visible samples to the front (every keep/2 samples)
             for i in idx[full].tolist():
-                lo, hi = int(self._start[i] - self._origin[i]), int(self._end[i])
+                # Keep the visible samples and the raw history, whichever reaches further back.
+                lo = max(int(min(self._start[i], self._n_seen[i] - self._history) - self._origin[i]), 0)
+                hi = int(self._end[i])
                 if hi - lo + n > self._width:  # a frame longer than the slack: widen every row
-                    self._width = hi - lo + n + max(self.spans.keep // 2, 1)
-                    grown = np.empty((self._data.shape[0], 3, self._width))
-                    grown[:, :, : self._data.shape[2]] = self._data
-                    self._data = grown
+                    self._widen(hi - lo + n + max(self.spans.keep // 2, 1))
                 self._data[i, :, : hi - lo] = self._data[i, :, lo:hi].copy()
-                self._origin[i], self._end[i] = self._start[i], hi - lo
+                self._origin[i] += lo
+                self._end[i] = hi - lo
             end = self._end[idx]
         cols = end[:, None] + np.arange(n)
         at = idx[:, None]
@@ -301,6 +319,12 @@ class DetectorBank:
             self._data[at, k, cols] = s
         self._end[idx] = end + n
         self._n_seen[idx] += n
+
+    def _widen(self, width: int) -> None:
+        self._width = width
+        grown = np.empty((self._data.shape[0], 3, width))
+        grown[:, :, : self._data.shape[2]] = self._data
+        self._data = grown
 
     def _to_decide(self, idx: np.ndarray, n: int, n_seen: np.ndarray
                    ) -> tuple[np.ndarray, dict[int, list[_Candidate | int]]]:

@@ -1,8 +1,8 @@
 """One wearable session: raw samples in, R-peaks with their encoded beats out, synthetic samples back.
 
-The stream owns everything per session that the models do not: the streaming detector, a short
-buffer of raw input (just long enough to encode a beat once its post-R samples arrive), the causal
-RR context, the persona and the splicer. The pipeline batches the models across streams; a stream
+The stream owns everything per session that the models do not: the streaming detector (whose
+row of raw input is also the buffer each beat is encoded from once its post-R samples arrive),
+the causal RR context, the persona and the splicer. The pipeline batches the models across streams; a stream
 only hands over beats that are ready and takes back rendered rows.
 
 Raw samples never leave this object except as canonical beats handed to the classifier, and the
@@ -26,7 +26,6 @@ from edge.codec import CodecSpec
 from edge.detector import NO_FLOOR, DetectorBank, DetectorConfig, RPeak, StreamingQRSDetector
 from edge.persona import BaselineTrack, Persona
 from edge.splicer import Splicer
-from edge.window import SampleWindow
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +102,10 @@ class BeatStream:
         self._done = 0  # input samples through the detector
         self.timestamp0: float | None = None  # time of sample 0, when the source carries time
         self.seq0 = 0  # the device's own index of sample 0
+        # Raw input a beat may be encoded from: the detector's bank holds it (``history``), the
+        # stream only tracks where it starts (``_buf_start``).
         self._keep = self.enc_before + self.enc_after + round(KEEP_EXTRA_S * self.fs)
-        self._window = SampleWindow(1, self._keep)
+        self.detector.bank.keep_history(self._keep)
         self._buf_start = 0
         self._bad: list[tuple[int, int]] = []  # [a, b) input spans that were NaN, gaps or rejected
         self._hold = 0.0  # last sample through the detector: what it sees where a frame starts bad
@@ -178,7 +179,6 @@ class BeatStream:
         if settled is None:
             settled, floor = self.detector.settled, self.detector.searchback_floor
         self._settled, self._floor = settled, floor
-        self._window.append(x)
         if x.size:
             self._hold = x[-1]
         self._done += x.size
@@ -187,8 +187,8 @@ class BeatStream:
             self._add_peak(peak.sample + self._detector_offset)
         if self._pending:
             self._encode_ready()
-        if self._window.trim():
-            self._buf_start = self._window.start
+        if self._done - self._keep > self._buf_start:
+            self._buf_start = self._done - self._keep
             while len(self._arrivals) > 1 and self._arrivals[1][0] <= self._buf_start:
                 self._arrivals.popleft()
             if self._bad:
@@ -240,14 +240,19 @@ class BeatStream:
         # one-element array costs more than the arithmetic.
         r = [b[0] for b in out]
         start, before, wait = self._buf_start, self.enc_before, self.enc_wait
-        (buf,) = self._window.rows()
-        last = len(buf) - 1
-        windows = codec.cut_windows(buf, np.array([min(max(k - start, 0), last) for k in r]), self.fs, self.spec,
+        first, buf = self.detector.bank.history(self.detector.row)
+        first += self._detector_offset  # input sample of buf[0]
+        last = max(len(buf) - 1, 0)
+        if not len(buf):  # a detector restarted after this stretch; its beats are masked below
+            buf = np.zeros(1)
+        windows = codec.cut_windows(buf, np.array([min(max(k - first, 0), last) for k in r]), self.fs, self.spec,
                                     after=wait)
         # A beat is rendered only if its window was still buffered when it was decided (or the
-        # session's start, which the codec pads) and holds no bad input.
-        ok = [(k - before >= start or start == 0) and not any(k + wait >= a and k - before < b for a, b in self._bad)
-              for k in r]
+        # session's start, which the codec pads) and holds no bad input. (The bank holds at least
+        # what the buffer's start says; input from before a detector restart it does not, but a
+        # window reaching back there always holds the masked frame that restarted it.)
+        ok = [(k - before >= start or start == 0) and (k - before >= first or first == 0)
+              and not any(k + wait >= a and k - before < b for a, b in self._bad) for k in r]
         self._ready.append(ReadyBeats(r, windows, [b[1] for b in out], ok, [b[2] for b in out]))
 
     def ready(self, final: bool = False) -> ReadyBeats | None:
@@ -320,7 +325,7 @@ class BeatStream:
     def memory_bytes(self) -> int:
         """Bytes held in this stream's arrays (buffers, splicer rows, detector ring, baseline block)."""
         rows = sum(b.row.nbytes + (0 if b.weights is None else b.weights.nbytes) for b in self.splicer._beats if b.row is not None)
-        return (self._window.nbytes + self.detector.memory_bytes + rows + self._rr.nbytes + self._baseline.nbytes
+        return (self.detector.memory_bytes + rows + self._rr.nbytes + self._baseline.nbytes
                 + 8 * 3 * len(self._pending))
 
 

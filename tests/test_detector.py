@@ -334,3 +334,29 @@ def test_bank_refuses_a_bad_group_without_changing_any_row() -> None:
     got = [bank.feed([a.row, b.row], [x[i : i + 36], x[i : i + 36]]) for i in range(0, x.size, 36)]
     assert [g[0] for g in got] == [g[1] for g in got]
     assert [p for g in got for p in g[0]] + a.flush() == detect(x, rec.fs)
+
+
+@pytest.mark.parametrize("history_s", [None, 2.0, 9.0])
+def test_bank_history_holds_the_raw_input_a_stream_encodes_from(history_s: float | None) -> None:
+    """``history`` is the raw input exactly as fed, at least ``keep_history`` samples of it (or the
+    detector's own keep, if longer) and all of the last frame, through frames of any size, a
+    frame longer than the storage included, and without changing the beats."""
+    rec = _rec("208")
+    bank = DetectorBank(rec.fs)
+    keep = bank.spans.keep
+    if history_s is not None:
+        bank.keep_history(round(history_s * rec.fs))
+    need = max(keep, round((history_s or 0) * rec.fs))
+    det = StreamingQRSDetector(rec.fs, bank=bank)
+    other = StreamingQRSDetector(rec.fs, bank=bank)  # a second row, fed alongside
+    sizes = [36] * 200 + [7, 1, 3000] + [36] * 100 + [5000] + [36] * 300
+    at, peaks = 0, []
+    for n in sizes:
+        x = rec.signal[at : at + n]
+        peaks += bank.feed([det.row, other.row], [x, x[::-1]])[0]
+        at += x.size
+        first, raw = bank.history(det.row)
+        assert first + raw.size == at
+        assert raw.size >= min(at, max(need, x.size)), (n, raw.size)
+        assert np.array_equal(raw, rec.signal[first:at])
+    assert list(peaks) + det.flush() == detect(rec.signal[:at], rec.fs)
