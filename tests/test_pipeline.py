@@ -416,13 +416,21 @@ def test_splicer_weights_are_the_raised_cosine_ramps_to_the_bit() -> None:
     """Ramps are slices of cached whole ramps: the same bits as computing each one."""
     from edge.splicer import _ramp, _weight
 
+    rng = np.random.default_rng(0)
+    drawn = []
+    for _ in range(2000):  # every arrangement: ramps apart, touching, overlapping, outside the row
+        a = int(rng.integers(-20, 40))
+        b = a + int(rng.integers(1, 120))
+        up_lo, down_lo = sorted(rng.integers(a - 30, b + 30, 2).tolist())
+        drawn.append((a, b, (up_lo, up_lo + int(rng.integers(-2, 30))), (down_lo, down_lo + int(rng.integers(-2, 30)))))
     for a, b, up, down in [(0, 200, (10, 24), (170, 184)), (15, 90, (10, 24), (80, 100)),
-                           (0, 50, (-5, 9), (40, 41)), (30, 60, (0, 0), (70, 84))]:
+                           (0, 50, (-5, 9), (40, 41)), (30, 60, (0, 0), (70, 84)), *drawn]:
         w = _weight(a, b, *up, *down)
         t = np.arange(a, b)
         ref = np.minimum(_ramp(t, *up) if up[1] > up[0] else (t >= up[0]).astype(float),
                          1.0 - (_ramp(t, *down) if down[1] > down[0] else (t >= down[0]).astype(float)))
-        assert w.tobytes() == ref.tobytes()
+        assert w.tobytes() == ref.tobytes(), (a, b, up, down)
+        w[:] = 7.0  # a fresh array, never a view of the cached ramps
 
 
 def test_a_stream_counts_non_finite_samples_only_and_holds_the_last_good_one() -> None:
