@@ -308,9 +308,10 @@ class Anonymizer:
         n_out = n_masked = 0
         for device, stream in touched:
             is_final = device in final
-            if not is_final and not stream.due(round(self.settings.emit_s * stream.fs)):
+            until = None if is_final else stream.due(round(self.settings.emit_s * stream.fs))
+            if until is None and not is_final:
                 continue  # not worth a message yet; nothing changes that until the stream is fed again
-            emitted = stream.emit(now, final=is_final)
+            emitted = stream.emit(now, final=is_final, until=until)
             if len(emitted.samples) == 0 and not emitted.beats:
                 continue
             out.frames.append(AnonFrame(stream.pseudonym, stream.fs, emitted.start, emitted.samples,

@@ -257,6 +257,8 @@ class BeatStream:
 
     def ready(self, final: bool = False) -> ReadyBeats | None:
         """Encoded beats waiting for the models (at the end of input, all of them)."""
+        if not (self._ready or self.queue or final):  # most streams in most steps
+            return None
         self._detect_queued()
         if final:
             self._encode_ready(final=True)
@@ -300,17 +302,22 @@ class BeatStream:
             h = min(h, self._pending[0][0] - self.dec_before)
         return max(h, self.splicer.cursor)
 
-    def due(self, min_samples: int) -> bool:
-        """Worth emitting now: a surrogate's R-peak can go out, or ``min_samples`` of output can.
-        (Emitting every stream on every tick costs more than the models do.)"""
+    def due(self, min_samples: int) -> int | None:
+        """The horizon, if it is worth emitting up to now: a surrogate's R-peak can go out, or
+        ``min_samples`` of output can; else None. (Emitting every stream on every tick costs more
+        than the models do.)"""
         h = self.horizon()
         # ``_labels`` holds R-peaks in increasing order (beats are placed in order), so the first is the earliest.
-        return h - self.splicer.cursor >= min_samples or (bool(self._labels) and next(iter(self._labels)) < h)
+        if h - self.splicer.cursor >= min_samples or (self._labels and next(iter(self._labels)) < h):
+            return h
+        return None
 
-    def emit(self, now: float, final: bool = False) -> Emitted:
-        """Final synthetic output up to the horizon: surrogates, persona baseline, NaN where masked."""
+    def emit(self, now: float, final: bool = False, until: int | None = None) -> Emitted:
+        """Final synthetic output up to the horizon (or ``until``, a horizon ``due`` just gave):
+        surrogates, persona baseline, NaN where masked."""
         start = self.splicer.cursor
-        until = self.horizon(final)
+        if until is None:
+            until = self.horizon(final)
         beats_part = self.splicer.emit(until)
         samples = beats_part + self._baseline.take(start, len(beats_part))
         emitted, latency = [], []
