@@ -185,7 +185,7 @@ class BeatStream:
         self._arrivals.append((self._done, now))
         for peak in peaks:
             self._add_peak(peak.sample + self._detector_offset)
-        if self._pending:
+        if self._pending and self._pending[0][0] + self.enc_wait < self._done:  # (most frames: not yet)
             self._encode_ready()
         if self._done - self._keep > self._buf_start:
             self._buf_start = self._done - self._keep
