@@ -148,7 +148,8 @@ class DetectorBank:
         high = min(high, 0.45 * fs)
         self._sos = signal.butter(2, [low, high], btype="bandpass", fs=fs, output="sos")
         self.spans = sp = _Spans.of(self.fs, cfg)
-        self._width = sp.keep + max(sp.keep // 2, 1)  # storage columns: the kept samples plus slack
+        self._slack = max(sp.keep // 2, 1)  # storage columns beyond the kept samples: a move every slack samples
+        self._width = sp.keep + self._slack
         self._history = sp.keep  # raw samples every row holds at least (``keep_history``)
         self._rows: list[_Row | None] = []
         self._free: list[int] = []
@@ -210,9 +211,8 @@ class DetectorBank:
         if n <= self._history:
             return
         self._history = n
-        width = n + max(self.spans.keep // 2, 1)
-        if width > self._width:
-            self._widen(width)
+        if n + self._slack > self._width:
+            self._widen(n + self._slack)
 
     def history(self, i: int) -> tuple[int, np.ndarray]:
         """Row ``i``'s raw samples as stored: the sample number of the first, and a view up to the
@@ -304,11 +304,11 @@ class DetectorBank:
         full = end + n > self._width
         if full.any():  # the slack is used up: move the visible samples to the front (every keep/2 samples)
             for i in idx[full].tolist():
-                # Keep the visible samples and the raw history, whichever reaches further back.
-                lo = max(int(min(self._start[i], self._n_seen[i] - self._history) - self._origin[i]), 0)
+                # Keep the raw history (it reaches at least as far back as the visible samples).
+                lo = max(int(self._n_seen[i] - self._history - self._origin[i]), 0)
                 hi = int(self._end[i])
                 if hi - lo + n > self._width:  # a frame longer than the slack: widen every row
-                    self._widen(hi - lo + n + max(self.spans.keep // 2, 1))
+                    self._widen(hi - lo + n + self._slack)
                 self._data[i, :, : hi - lo] = self._data[i, :, lo:hi].copy()
                 self._origin[i] += lo
                 self._end[i] = hi - lo

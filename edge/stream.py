@@ -2,8 +2,8 @@
 
 The stream owns everything per session that the models do not: the streaming detector (whose
 row of raw input is also the buffer each beat is encoded from once its post-R samples arrive),
-the causal RR context, the persona and the splicer. The pipeline batches the models across streams; a stream
-only hands over beats that are ready and takes back rendered rows.
+the causal RR context, the persona and the splicer. The pipeline batches the models across
+streams; a stream only hands over beats that are ready and takes back rendered rows.
 
 Raw samples never leave this object except as canonical beats handed to the classifier, and the
 classifier's output is a class index: the surrogate is made from the class, the RR context and the
@@ -242,9 +242,9 @@ class BeatStream:
         start, before, wait = self._buf_start, self.enc_before, self.enc_wait
         first, buf = self.detector.bank.history(self.detector.row)
         first += self._detector_offset  # input sample of buf[0]
-        last = max(len(buf) - 1, 0)
         if not len(buf):  # a detector restarted after this stretch; its beats are masked below
             buf = np.zeros(1)
+        last = len(buf) - 1
         windows = codec.cut_windows(buf, np.array([min(max(k - first, 0), last) for k in r]), self.fs, self.spec,
                                     after=wait)
         # A beat is rendered only if its window was still buffered when it was decided (or the
