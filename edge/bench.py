@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 SECTION = "pipeline"
 WARM_UP_S = 8.0  # wearables join, the detector learns for 2 s, the first beats wait for it: not steady state
+#: The latency target: p99 added latency <= the canonical window's post-R part + this.
+LATENCY_BUDGET_S = 0.15
 JOIN_S = 3.0  # staggered wearables join over the first seconds, not all at one instant
 
 
@@ -191,6 +193,28 @@ def table(results: list[BenchResult]) -> str:
     return "\n".join(rows)
 
 
+def summary(results: list[BenchResult], p99_target: float) -> str:
+    """One row per configuration run more than once: the spread of its runs, and in how many both
+    targets held (sustained in real time, p99 within ``p99_target``). On a shared machine one run
+    says little; the count over repeats says how robust a figure is."""
+    groups: dict[tuple[str, str, float, int], list[BenchResult]] = {}
+    for r in results:
+        groups.setdefault((r.generator, r.arrivals, r.frame_ms, r.streams), []).append(r)
+    rows = [f"| generator | arrivals | frame | streams | runs | streams sustained: min / median / max | "
+            f"p99 added latency (s): min / median / max | runs sustained with p99 <= {1000 * p99_target:.0f} ms |",
+            "|---|---|---|---|---|---|---|---|"]
+    for (gen, arrivals, frame_ms, n), rs in groups.items():
+        if len(rs) < 2:
+            continue
+        sus = [r.sustained_streams for r in rs]
+        p99 = [r.latency_p99 for r in rs]
+        met = sum(r.realtime_factor >= 1 and r.latency_p99 <= p99_target for r in rs)
+        rows.append(f"| {gen} | {arrivals} | {frame_ms:g} ms | {n} | {len(rs)} | "
+                    f"{min(sus):.0f} / {np.median(sus):.0f} / {max(sus):.0f} | "
+                    f"{min(p99):.3f} / {np.median(p99):.3f} / {max(p99):.3f} | {met} of {len(rs)} |")
+    return "\n".join(rows)
+
+
 def _latency(r: BenchResult) -> str:
     if r.clock == "fixed":
         return "- (fixed clock)"
@@ -198,6 +222,9 @@ def _latency(r: BenchResult) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        print(f"--repeats must be at least 1, not {args.repeats}", file=sys.stderr)
+        return 2
     # One core: onnxruntime sessions are created with one intra-op thread; pin BLAS/torch too.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(var, "1")
@@ -219,19 +246,23 @@ def main(args: argparse.Namespace) -> int:
             generators.append(_torch_peer(gen.contract))
         except (ImportError, FileNotFoundError) as exc:
             print(f"peer row skipped: {exc}", file=sys.stderr)
+    repeats = args.repeats
     results = []
     for g in generators:
         for arrivals in args.arrivals:
             for frame_ms in args.frame_ms:
                 for n in args.streams:
-                    r = run_once(g, cls, n, args.seconds, frame_ms, signal, fs, arrivals=arrivals,
-                                 clock=args.clock)
-                    results.append(r)
-                    print(table([r]).splitlines()[-1], flush=True)
+                    for _ in range(repeats):
+                        r = run_once(g, cls, n, args.seconds, frame_ms, signal, fs, arrivals=arrivals,
+                                     clock=args.clock)
+                        results.append(r)
+                        print(table([r]).splitlines()[-1], flush=True)
     wait = codec.encode_wait(fs) / fs
     tick_s = PipelineConfig().tick_s
     post = codec.DEFAULT_SPEC.post_s
     text = table(results)
+    if repeats > 1 and args.clock == "cpu":
+        text += "\n\n" + summary(results, post + LATENCY_BUDGET_S)
     print(text)
     if str(args.output) != "-":
         from edge.bench_detector import write_section
@@ -260,7 +291,7 @@ measured after {WARM_UP_S:g} s of warm-up.
   part ({1000 * post:.0f} ms: the samples up to {1000 * wait:.0f} ms after the R-peak at {fs:g} Hz; `codec.encode_wait`), which comes in
   whole frames (at 100 ms frames, 500 ms after the R-peak's frame, or 600 ms when the R-peak
   lies in the frame's last {1000 * (wait % 0.1):.0f} ms), then for the next step and its compute. Target: p99 <=
-  post-R window + 150 ms = {1000 * (post + 0.15):.0f} ms.
+  post-R window + {1000 * LATENCY_BUDGET_S:.0f} ms = {1000 * (post + LATENCY_BUDGET_S):.0f} ms.
 - **memory**: resident memory growth per stream (RSS; only the first run of a process means much,
   later runs reuse memory the earlier ones freed), and the stream's own buffers.
 - The peer row runs the trainer's torch generator (one thread) in place of the ONNX session.
@@ -274,4 +305,4 @@ measured after {WARM_UP_S:g} s of warm-up.
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main(argparse.Namespace(streams=[10], seconds=5.0, frame_ms=[100.0], arrivals=["staggered"], peer=False, clock="cpu",
-                                         output=Path("-"))))
+                                         repeats=1, output=Path("-"))))

@@ -155,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--arrivals", nargs="+", choices=("staggered", "lockstep"), default=["staggered", "lockstep"],
                     help="staggered: each wearable's frames on its own phase, stepped on the service's tick; "
                     "lockstep: every frame at once, one step per frame (the latency worst case); default both")
+    be.add_argument("--repeats", type=int, default=1,
+                    help="runs of each configuration; more than one adds a table of their spread and of how many "
+                    "met both targets (default 1)")
     be.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also run the torch generator row")
     be.add_argument("--clock", choices=("cpu", "fixed"), default="cpu",
                     help="cpu: simulated time advances by the edge's CPU time, so a slow core falls behind (default); "

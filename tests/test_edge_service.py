@@ -250,10 +250,19 @@ def test_pipeline_benchmark_runs_and_writes_its_table(tmp_path: Path) -> None:
 
     out = tmp_path / "benchmarks.md"
     assert bench.main(argparse.Namespace(streams=[4], seconds=3.0, frame_ms=[100.0], arrivals=["staggered", "lockstep"],
-                                         peer=False, clock="cpu", output=out)) == 0
+                                         peer=False, clock="cpu", repeats=2, output=out)) == 0
     text = out.read_text()
-    assert "| GeneratorSession | staggered | 100 ms | 4 |" in text
+    runs = [line for line in text.splitlines() if line.startswith("| GeneratorSession | staggered | 100 ms | 4 | ")]
+    assert len(runs) == 3  # two runs, and the repeats' summary row
+    assert sum(line.count("|") == 11 for line in runs) == 2
+    summary = next(line for line in runs if line.count("|") == 9).split("|")
+    assert summary[5].strip() == "2"  # runs
+    sustained = [float(v) for v in summary[6].split("/")]
+    assert 0 < sustained[0] <= sustained[1] <= sustained[2]
+    assert summary[8].strip() in ("0 of 2", "1 of 2", "2 of 2")
     assert "| GeneratorSession | lockstep | 100 ms | 4 |" in text
+    assert bench.main(argparse.Namespace(streams=[4], seconds=3.0, frame_ms=[100.0], arrivals=["staggered"],
+                                         peer=False, clock="cpu", repeats=0, output=out)) == 2
 
 
 @pytest.mark.parametrize("arrivals", ["staggered", "lockstep"])
