@@ -6,6 +6,7 @@ onnxruntime sessions and the edge's checks.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from edge.models import (
     ModelContractError,
 )
 from edge.records import AAMI_CLASSES
-from trainer.export import export_model, read_metadata
+from trainer.export import ExportError, build_model, export_model, parity, read_metadata
 
 
 class TinyGenerator(nn.Module):
@@ -93,6 +94,44 @@ def test_export_writes_the_contract(models: dict[str, Path]) -> None:
     assert meta["codec.fs"] == "250.0" and meta["model.classes"] == "N,S,V,F,Q"
     assert meta["training.data_hash"] == "ab" * 32 and meta["metrics.note"] == "test"
     assert ModelContract.from_metadata(meta) == GEN_CONTRACT
+
+
+class _Drifting(TinyGenerator):
+    """Exports a form that computes something else than the trained module (a wrong rewrite)."""
+
+    def __init__(self, drift: float, gain: float = 1.0) -> None:
+        super().__init__()
+        self.drift, self.gain = drift, gain
+
+    def forward(self, persona, z, label, rr):
+        return self.gain * super().forward(persona, z, label, rr)
+
+    def inference_form(self) -> nn.Module:
+        other = copy.deepcopy(self)
+        other.drift = 0.0
+        with torch.no_grad():
+            other.out.bias += self.drift
+        return other
+
+
+def test_an_export_that_fails_parity_writes_nothing(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    with pytest.raises(ExportError, match="differ by 1.00e-02 .*nothing written"):
+        export_model(_Drifting(0.01), GEN_CONTRACT, tmp_path / "generator.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parity_is_measured_on_each_beat_s_scale() -> None:
+    # float32 rounding grows with the values: a difference of 0.05 on beats of 1,000 units is
+    # 5e-5 of their scale and passes; the same on beats of about one unit fails.
+    torch.manual_seed(0)
+    big = _Drifting(0.05 / 1000, gain=1000.0)
+    data, error = build_model(big, GEN_CONTRACT)
+    assert error == pytest.approx(0.05, rel=1e-2)
+    absolute, scaled = parity(big, data, GEN_CONTRACT)
+    assert absolute == pytest.approx(0.05, rel=1e-2) and 1e-5 < scaled < 1e-4
+    with pytest.raises(ExportError):
+        build_model(_Drifting(0.05), GEN_CONTRACT)
 
 
 def test_sessions_load_run_and_batch(models: dict[str, Path]) -> None:

@@ -7,6 +7,7 @@ export with the contract, parity, the model card, and that the edge loads what t
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,22 @@ def test_export_generator_with_card_and_baseline(runs: dict[str, Path]) -> None:
     card = onnx_path.with_suffix(".md").read_text()
     assert "image baseline" in card and "1-D GAN" in card and "generator.png" in card
     assert onnx_path.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_a_generator_export_that_cannot_be_measured_leaves_no_model(runs: dict[str, Path]) -> None:
+    # The card measures fidelity on the run's eval records; without them the export fails
+    # before it writes anything, so no unmeasured model sits where one is expected.
+    empty = runs["tmp"] / "train-records-only"
+    empty.mkdir()
+    for f in DATA.iterdir():
+        if f.stem in TRAIN:
+            shutil.copy(f, empty)
+    out_dir = runs["tmp"] / "unmeasured"
+    out = subprocess.run([sys.executable, "-m", "trainer.cli", "export", str(runs["generator"]), "--output",
+                          str(out_dir / "generator.onnx"), "--data-dir", str(empty)],
+                         capture_output=True, text=True, timeout=300, cwd=runs["tmp"])
+    assert out.returncode != 0 and "105" in out.stderr
+    assert not out_dir.exists() or list(out_dir.iterdir()) == []
 
 
 def test_export_image_baseline_writes_the_weights_the_evaluation_loads(runs: dict[str, Path]) -> None:

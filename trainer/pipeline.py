@@ -202,10 +202,11 @@ def export(
     image-baseline run is written as weights (``ImageBaseline.save``) and its path returned.
 
     A generator's card measures fidelity on DS2, so it needs the data directory; the image
-    baseline run, when given, is measured beside it.
+    baseline run, when given, is measured beside it. The model is checked and measured before
+    anything is written, so an export that fails leaves no model at ``output``.
     """
     from trainer import card
-    from trainer.export import export_model
+    from trainer.export import ExportResult, build_model, write_model
     from trainer.image_baseline import ImageBaseline
 
     trained = load_run(run_dir)["module"]
@@ -213,23 +214,27 @@ def export(
         return trained.save(output)
     contract, module = contract_for(run_dir, version)
     output = Path(output)
-    result = export_model(module, contract, output)
+    data, error = build_model(module, contract)
+    report = None
     if contract.kind == GENERATOR:
         baseline = load_run(baseline_run)["module"] if baseline_run else None
         saved = load_run(run_dir)
         body, report = card.generator_section(
             module, baseline, saved["records"], saved["eval_records"], data_dir or saved.get("data_dir"),
             cache_dir, output.with_suffix(".png"))
-        (output.with_suffix(".fidelity.json")).write_text(json.dumps(report, indent=2, default=_jsonable))
         title = "beat generator"
     else:
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
         body = card.classifier_section(json.loads((Path(run_dir) / EVALUATION_FILE).read_text()),
                                        [r for r in rows if r.get("phase") in ("restart", "out-of-fold")])
         title = "beat classifier"
-    card.write_card(output.with_suffix(".md"), title, contract, output, result.max_abs_error, body,
+    write_model(data, output)
+    log.info("exported %s to %s (max abs error vs torch %.2e)", contract.kind, output, error)
+    if report is not None:
+        output.with_suffix(".fidelity.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    card.write_card(output.with_suffix(".md"), title, contract, output, error, body,
                     command or f"ecg-trainer export {run_dir} --output {output}")
-    return result
+    return ExportResult(output, error, contract)
 
 
 def build_defaults(
