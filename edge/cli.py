@@ -162,7 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--clock", choices=("cpu", "fixed"), default="cpu",
                     help="cpu: simulated time advances by the edge's CPU time, so a slow core falls behind (default); "
                     "fixed: the same ticks whatever the compute takes, the same work on any machine, for comparing "
-                    "two versions by instruction counts (valgrind --tool=callgrind); its latency figures mean nothing")
+                    "two versions by instruction counts (valgrind --tool=callgrind); its latency figures are the pipeline's "
+                    "own waits (whole frames of post-R input, the tick, the detector) without the compute")
     be.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"), help="'-' for none")
 
     bf = sub.add_parser(
