@@ -405,14 +405,16 @@ class SetSampler:
 
 
 def _critic_loss(cfg: GeneratorConfig, critic: nn.Module, real: tuple[torch.Tensor, ...],
-                 fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                 fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The critic's loss, and its scores and gradient penalty as detached tensors: reading them
+    back (``.item()``) would make the host wait for the GPU every step."""
     beats, label, rr = real
     s = beats.shape[0]
     scores = critic(torch.cat([beats, fake]), torch.cat([label, label]), torch.cat([rr, rr]))
     d_real, d_fake = scores[:s], scores[s:]
     if cfg.loss == "hinge":
         loss = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
-        extra: dict[str, float] = {}
+        extra: dict[str, torch.Tensor] = {}
     else:
         loss = d_fake.mean() - d_real.mean()
         alpha = torch.rand(s, 1, 1, device=beats.device)
@@ -420,8 +422,8 @@ def _critic_loss(cfg: GeneratorConfig, critic: nn.Module, real: tuple[torch.Tens
         grad = torch.autograd.grad(critic(mix, label, rr).sum(), mix, create_graph=True)[0]
         gp = ((grad.flatten(1).norm(dim=1) - 1.0) ** 2).mean()
         loss = loss + cfg.gp_weight * gp
-        extra = {"gp": gp.item()}
-    return loss, {"d_real": d_real.mean().item(), "d_fake": d_fake.mean().item(), **extra}
+        extra = {"gp": gp.detach()}
+    return loss, {"d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach(), **extra}
 
 
 #: Canonical-beat regions of ``augment_sets``: the QRS (kept) spans this many samples either side of
@@ -467,8 +469,10 @@ def _fake_sets(generator: nn.Module, cfg: GeneratorConfig, label: torch.Tensor, 
 
 @torch.no_grad()
 def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-        p_ema.lerp_(p, 1.0 - decay)
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    if len(ema_params) != len(params):
+        raise ValueError(f"EMA has {len(ema_params)} parameter tensors, the generator {len(params)}")
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # one launch per group on CUDA, not per tensor
     for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
         b_ema.copy_(b)
 
@@ -562,7 +566,7 @@ def fit_generator(train: BeatSet, run: Run, cfg: GeneratorConfig = GeneratorConf
             if judge is not None and rr3 is not None:
                 logits = judge(fake.float().reshape(-1, fake.shape[-1]), rr3.reshape(-1, 3))
                 class_loss = F.cross_entropy(logits, label.reshape(-1))
-                acc["class_loss"] = acc.get("class_loss", 0.0) + class_loss.item()
+                acc["class_loss"] = acc.get("class_loss", 0.0) + class_loss.detach()
                 g_loss = g_loss + cfg.class_weight * class_loss
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
@@ -570,13 +574,14 @@ def fit_generator(train: BeatSet, run: Run, cfg: GeneratorConfig = GeneratorConf
         _update_ema(ema, unwrap(generator), cfg.ema_decay)
         step += 1
         bar.update(1)
-        acc["d_loss"] += d_loss.item()
-        acc["g_loss"] += g_loss.item()
+        # Summed on the device and read once per log line: a read per step stalls a GPU each time.
+        acc["d_loss"] += d_loss.detach()
+        acc["g_loss"] += g_loss.detach()
         acc["d_real"] += stats["d_real"]
         acc["d_fake"] += stats["d_fake"]
         n_acc += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics = {k: v / n_acc for k, v in acc.items()}
+            metrics = {k: float(v) / n_acc for k, v in acc.items()}
             metrics["steps_per_s"] = n_acc / max(time.monotonic() - t0, 1e-9)
             if run.is_main:
                 metrics.update(_quick_diversity(ema, train, rng))
