@@ -77,10 +77,28 @@ class Splicer:
             self._beats.append(_Placed(r, start, None, max(start, self.cursor)))
             self.mask(start, start + int(width or 0))
         else:
-            if start < self.cursor:
+            if self.reach(r, start) < self.cursor:  # output it would have changed already went out
                 self.late += 1
             self._beats.append(_Placed(r, start, np.asarray(row, dtype=np.float64), max(start, self.cursor)))
         return True
+
+    def reach(self, r: int, start: int) -> int:
+        """The first output sample that placing a rendered beat (R at ``r``, row from ``start``)
+        after every beat placed so far would change. Its own row's start, unless the row overlaps
+        the last beat's: then their cross-fade, where it starts to count and the last beat's
+        weights start to fall, or the last beat's free tail, which stops fading out to zero once a
+        beat follows, whichever is first. Output before this is the same bits whether that beat
+        comes or not, so a stream emits up to here while such a beat may still be detected. It
+        grows with ``r``: the earliest beat that may come bounds them all. (A beat that comes but
+        cannot be rendered is masked from the cursor on: the samples before belonged to the last
+        beat, where it would have had no weight.)"""
+        prev = self._beats[-1] if self._beats else None
+        if prev is None or prev.row is None or r <= prev.r:
+            return start
+        b, w = self._boundary(prev, _Placed(r, start, None, max(start, self.cursor)))
+        if not w:
+            return start
+        return min(b - w, prev.start + len(prev.row) - 2 * self.ramp)
 
     def mask(self, start: int, end: int) -> None:
         """Mask output samples ``start .. end-1`` (they have not been emitted yet, or are clipped)."""

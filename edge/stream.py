@@ -295,11 +295,13 @@ class BeatStream:
         that a searchback may still find among the peaks the detector judged too small."""
         if final:
             return self.head
-        h = self._detector_offset + min(self._settled, self._floor) - self.dec_before
-        if self._ready:
-            h = min(h, self._ready[0].r[0] - self.dec_before)
-        elif self._pending:
-            h = min(h, self._pending[0][0] - self.dec_before)
+        # Every beat still to come has its R-peak at or after this: past what the detector has
+        # settled, or a peak it judged too small that a searchback may yet take.
+        r = self._detector_offset + min(self._settled, self._floor)
+        h = self.splicer.reach(r, r - self.dec_before)
+        first = self._ready[0].r[0] if self._ready else self._pending[0][0] if self._pending else None
+        if first is not None:  # detected, not placed yet: held at its row's start (its mask, if it fails)
+            h = min(h, first - self.dec_before, self.splicer.reach(first, first - self.dec_before))
         return max(h, self.splicer.cursor)
 
     def due(self, min_samples: int) -> int | None:

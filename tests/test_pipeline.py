@@ -166,6 +166,48 @@ def test_our_detector_finds_the_surrogates_where_the_input_beats_were(sessions) 
     assert np.mean(nearest <= round(0.05 * fs)) > 0.97
 
 
+@pytest.mark.parametrize("name", SLICES)
+def test_each_surrogate_goes_out_in_the_step_that_renders_it(sessions, name: str, monkeypatch) -> None:
+    """A stream emits up to its horizon as soon as a surrogate's R-peak can go out. The horizon
+    stops only where a beat the detector may still return (the next one, or a searchback's among
+    the peaks it judged too small) would change the output, so each surrogate goes out in the
+    step that renders it; and the same frames with nothing emitted before the end give the same
+    bits, so no beat returned later changed output already sent."""
+    from edge.stream import BeatStream
+
+    x, fs = _slice(name)
+    step = {"n": 0}
+    rendered: dict[int, int] = {}
+    render = BeatStream.render
+
+    def recorded(self, ready, labels, rows, model=None):
+        rendered.update((r, step["n"]) for r in ready.r)
+        return render(self, ready, labels, rows, model)
+
+    monkeypatch.setattr(BeatStream, "render", recorded)
+    gen, cls = sessions
+    live = Anonymizer(gen, cls, PipelineSettings(seed=3))
+    out, emitted = StepOutput(), {}
+    for frame in frames("file", x, fs, 0.1):
+        now = (frame.seq + len(frame.samples)) / fs
+        out.extend(live.feed(frame, now=now))
+        done = live.step(now=now)
+        emitted.update((beat.sample, step["n"]) for beat in done.beats)
+        out.extend(done)
+        step["n"] += 1
+    out.extend(live.end("file", "end of input"))
+    assert len(emitted) > 100 and all(emitted[r] == rendered[r] for r in emitted)
+    assert live.metrics.late_beats._value.get() == 0
+
+    monkeypatch.setattr(BeatStream, "due", lambda self, min_samples: None)
+    _, held = _run(sessions, x, fs, frame_s=0.1)
+    signal = np.full(len(x), np.nan)
+    for f in out.frames:
+        signal[f.start : f.start + len(f.samples)] = f.samples
+    assert [b.sample for b in out.beats] == held.beat_samples.tolist()
+    assert signal.tobytes() == held.signal.tobytes()
+
+
 def test_output_does_not_depend_on_frame_size(sessions) -> None:
     x, fs = _slice("208")
     _, a = _run(sessions, x, fs, frame_s=0.1)
@@ -410,6 +452,41 @@ def test_splicer_output_does_not_depend_on_how_it_is_emitted(seed: int) -> None:
     out = np.concatenate(parts)[: whole.size]
     assert np.isnan(whole).sum() > 400  # the pauses and the mask are there
     assert out.tobytes() == whole.tobytes()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_output_before_the_splicer_s_reach_is_final_whether_or_not_the_beat_comes(seed: int) -> None:
+    """What a stream may emit while a searchback can still return a beat: up to ``reach``. Placing
+    the beat after that output went out gives the bits of placing it first, for beats from just
+    past the refractory period to past the last row's end, and ``reach`` grows with the R-peak
+    (so the earliest held peak bounds them all)."""
+    rng = np.random.default_rng(seed)
+    fs, before, after = 360.0, 92, 200
+    relaxed = 0
+    for gap in range(60, 320, 3):  # R-peak distance of the late beat from the last one, samples
+        rows = [rng.standard_normal(before + after + 1) for _ in range(3)]
+        rs = [400, 400 + int(rng.integers(200, 320)), 0]
+        rs[2] = rs[1] + gap
+
+        def splicer_with(k: int) -> Splicer:
+            s = Splicer(fs)
+            for r, row in zip(rs[:k], rows):
+                s.place(r, r - before, row)
+            return s
+
+        whole = splicer_with(3).emit(rs[2] + 600)
+        late = splicer_with(2)
+        reach = late.reach(rs[2], rs[2] - before)
+        relaxed += reach > rs[1]  # the last beat's R-peak can go out before the late beat is known
+        cut = int(rng.integers(rs[0], reach + 1))
+        head = np.concatenate([late.emit(cut), late.emit(reach)])
+        assert late.place(rs[2], rs[2] - before, rows[2])
+        out = np.concatenate([head, late.emit(rs[2] + 600)])
+        assert out.tobytes() == whole.tobytes(), gap
+        assert late.late == 0 and late.dropped == 0
+        later = splicer_with(2).reach(rs[2] + 1, rs[2] + 1 - before)
+        assert later >= reach
+    assert relaxed > 30  # most late beats close to the last one: output reaches past its R-peak
 
 
 def test_splicer_weights_are_the_raised_cosine_ramps_to_the_bit() -> None:
