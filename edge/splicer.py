@@ -92,13 +92,16 @@ class Splicer:
         grows with ``r``: the earliest beat that may come bounds them all. (A beat that comes but
         cannot be rendered is masked from the cursor on: the samples before belonged to the last
         beat, where it would have had no weight.)"""
-        prev = self._beats[-1] if self._beats else None
-        if prev is None or prev.row is None or r <= prev.r:
+        if not self._beats:
             return start
-        b, w = self._boundary(prev, _Placed(r, start, None, max(start, self.cursor)))
+        prev = self._beats[-1]
+        if prev.row is None or r <= prev.r:
+            return start
+        a_end = prev.start + len(prev.row) - 1
+        b, w = self._boundary(prev.r, a_end, r, start if start > self.cursor else self.cursor)
         if not w:
             return start
-        return min(b - w, prev.start + len(prev.row) - 2 * self.ramp)
+        return min(b - w, a_end + 1 - 2 * self.ramp)
 
     def mask(self, start: int, end: int) -> None:
         """Mask output samples ``start .. end-1`` (they have not been emitted yet, or are clipped)."""
@@ -151,30 +154,30 @@ class Splicer:
         tail_lo, tail_hi = end - 2 * self.ramp, end  # free end: fade out to zero
         prev = self._beats[i - 1] if i > 0 else None
         if prev is not None and prev.row is not None:
-            b, w = self._boundary(prev, beat)
+            b, w = self._boundary(prev.r, prev.start + len(prev.row) - 1, beat.r, first)
             if w:
                 head_lo, head_hi = max(b - w, first), b + w
         if nxt is not None and nxt.row is not None:
-            b, w = self._boundary(beat, nxt)
+            b, w = self._boundary(beat.r, end - 1, nxt.r, nxt.floor)
             if w:
                 tail_lo, tail_hi = b - w, b + w
         beat.weights, beat.weights_next = _weight(beat.start, end, head_lo, head_hi, tail_lo, tail_hi), nxt
         return beat.weights
 
-    def _boundary(self, a: _Placed, b: _Placed) -> tuple[int, int]:
-        """Cross-fade centre and half-width between consecutive rendered beats; (0, 0) when their
-        rows do not overlap (each then fades to zero on its own)."""
-        a_end = a.start + len(a.row) - 1
-        b_start = b.floor
-        overlap = a_end - b_start
-        if overlap <= 0:
+    def _boundary(self, a_r: int, a_end: int, b_r: int, b_start: int) -> tuple[int, int]:
+        """Cross-fade centre and half-width between consecutive rendered beats (R-peaks ``a_r`` <
+        ``b_r``; the first's row ends at ``a_end`` inclusive, the second counts from ``b_start``, its
+        floor); (0, 0) when their rows do not overlap (each then fades to zero on its own)."""
+        w = (a_end - b_start) // 2
+        if w <= 0:
             return 0, 0
-        w = min(self.ramp, overlap // 2)
-        if w == 0:
-            return 0, 0
-        centre = a.r + round(self.boundary_fraction * (b.r - a.r))
-        centre = min(max(centre, b_start + w), a_end - w)  # np.clip's rule, on Python ints
-        return centre, w
+        if w > self.ramp:
+            w = self.ramp
+        # np.clip's rule on Python ints, without min/max calls (this runs for every stream and step)
+        centre = a_r + round(self.boundary_fraction * (b_r - a_r))
+        if centre < b_start + w:
+            centre = b_start + w
+        return (centre if centre < a_end - w else a_end - w), w
 
     def _live(self, lo: int, hi: int) -> Iterator[tuple[int, _Placed, int, int]]:
         """Rendered beats whose rows reach into [lo, hi): index, beat and the samples it covers there."""
