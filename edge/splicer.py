@@ -8,9 +8,10 @@ ramp there, so the later beat's head never stacks on the earlier beat's tail. A 
 taper to zero, and the stretches no beat covers are synthetic baseline (zero here; the pipeline
 adds the persona's wander and noise), so joins have no steps.
 
-Output is final up to a horizon the caller gives (the stream knows which beats may still come);
-a beat that arrives after part of its span went out is clipped at the cursor (tapered in from
-zero) and counted as late; one whose R-peak already went out is dropped and counted.
+Output is final up to a horizon the caller gives: the stream knows which beats may still come,
+and ``reach`` says from which sample such a beat would change the output. A beat that arrives
+after output it changes went out is clipped at the cursor (tapered in from zero) and counted as
+late; one whose R-peak already went out is dropped and counted.
 
 Masked spans (fail closed) come out as NaN: bad input, a beat the models could not render, and
 any beat-less stretch longer than ``lost_s`` (the detector has lost the rhythm: a flat line would
