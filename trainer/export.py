@@ -79,7 +79,11 @@ def example_inputs(contract: ModelContract, n: int, seed: int = 0) -> dict[str, 
 def export_model(module: nn.Module, contract: ModelContract, path: str | os.PathLike[str]) -> ExportResult:
     """Write ``module`` as ONNX with a dynamic batch axis and ``contract`` as metadata; check parity."""
     data, error = build_model(module, contract)
-    path = Path(path)
+    return save_model(data, error, contract, Path(path))
+
+
+def save_model(data: bytes, error: float, contract: ModelContract, path: Path) -> ExportResult:
+    """Write a model ``build_model`` made (and checked) to ``path``, and say so."""
     write_model(data, path)
     log.info("exported %s to %s (max abs error vs torch %.2e)", contract.kind, path, error)
     return ExportResult(path, error, contract)
@@ -160,4 +164,4 @@ def read_metadata(path: str | os.PathLike[str]) -> Mapping[str, str]:
 
 
 __all__ = ["CLASSIFIER", "GENERATOR", "ExportError", "ExportResult", "build_model", "export_model", "parity", "read_metadata",
-           "write_model"]
+           "save_model", "write_model"]

@@ -206,7 +206,7 @@ def export(
     anything is written, so an export that fails leaves no model at ``output``.
     """
     from trainer import card
-    from trainer.export import ExportResult, build_model, write_model
+    from trainer.export import build_model, save_model
     from trainer.image_baseline import ImageBaseline
 
     trained = load_run(run_dir)["module"]
@@ -228,13 +228,12 @@ def export(
         body = card.classifier_section(json.loads((Path(run_dir) / EVALUATION_FILE).read_text()),
                                        [r for r in rows if r.get("phase") in ("restart", "out-of-fold")])
         title = "beat classifier"
-    write_model(data, output)
-    log.info("exported %s to %s (max abs error vs torch %.2e)", contract.kind, output, error)
+    result = save_model(data, error, contract, output)
     if report is not None:
         output.with_suffix(".fidelity.json").write_text(json.dumps(report, indent=2, default=_jsonable))
     card.write_card(output.with_suffix(".md"), title, contract, output, error, body,
                     command or f"ecg-trainer export {run_dir} --output {output}")
-    return ExportResult(output, error, contract)
+    return result
 
 
 def build_defaults(
