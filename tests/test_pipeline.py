@@ -211,6 +211,31 @@ def test_each_surrogate_goes_out_in_the_step_that_renders_it(sessions, name: str
     assert signal.tobytes() == held.signal.tobytes()
 
 
+@pytest.mark.parametrize(("name", "emit_s"), [(name, 0.5) for name in SLICES] + [("208", 0.05)])
+def test_a_stream_is_due_exactly_when_its_horizon_says_so(sessions, name: str, emit_s: float, monkeypatch) -> None:
+    """``due`` skips the horizon where a cheaper bound rules it out: after every frame of a
+    record it gives what the horizon itself gives (emit when ``emit_s`` of output or a
+    surrogate's R-peak can go out), and the bound does skip most calls."""
+    from edge.stream import BeatStream
+
+    due = BeatStream.due
+    calls = {"all": 0, "due": 0}
+
+    def checked(self, min_samples):
+        got = due(self, min_samples)
+        h, cursor = self.horizon(), self.splicer.cursor
+        want = h if h - cursor >= min_samples or (self._labels and min(self._labels) < h) else None
+        assert got == want
+        calls["all"] += 1
+        calls["due"] += want is not None
+        return got
+
+    monkeypatch.setattr(BeatStream, "due", checked)
+    x, fs = _slice(name)
+    _run(sessions, x, fs, frame_s=0.1, emit_s=emit_s)
+    assert calls["all"] > 500 and 0 < calls["due"] < calls["all"]
+
+
 def test_output_does_not_depend_on_frame_size(sessions) -> None:
     x, fs = _slice("208")
     _, a = _run(sessions, x, fs, frame_s=0.1)
