@@ -230,12 +230,14 @@ class DetectorBank:
         """See :attr:`StreamingQRSDetector.searchback_floor`."""
         return int(self._floor[i])
 
-    def settled_rows(self, rows: list[int]) -> tuple[list[int], list[int]]:
-        """``settled`` and ``searchback_floor`` of many rows at once: the pipeline asks for every
-        stream it fed in a step, and one vector operation costs less than a call per row."""
+    def progress(self, rows: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """``settled``, ``searchback_floor`` and samples seen of many rows at once: the pipeline
+        asks for every stream it fed in a step, and one vector operation costs less than a call
+        per row."""
         idx = np.array(rows, dtype=np.intp)
-        settled = np.where(self._learned[idx], np.maximum(self._n_seen[idx] - self._settle_lag, 0), 0)
-        return settled.tolist(), self._floor[idx].tolist()
+        n_seen = self._n_seen[idx]
+        settled = np.where(self._learned[idx], np.maximum(n_seen - self._settle_lag, 0), 0)
+        return settled.tolist(), self._floor[idx].tolist(), n_seen.tolist()
 
     @property
     def _settle_lag(self) -> int:

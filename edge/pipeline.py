@@ -264,32 +264,38 @@ class Anonymizer:
         streams = list(self._queued.values())
         self._queued.clear()
         while streams:
-            groups: dict[tuple[DetectorBank, int], list[tuple[BeatStream, np.ndarray, float, bool]]] = {}
+            groups: dict[tuple[DetectorBank, int], list[tuple[BeatStream, np.ndarray, bool]]] = {}
             for stream in streams:
-                x, now, gap = stream.queue.popleft()
-                groups.setdefault((stream.detector.bank, x.size), []).append((stream, x, now, gap))
+                x, gap = stream.queue.popleft()
+                groups.setdefault((stream.detector.bank, x.size), []).append((stream, x, gap))
             for (bank, _), members in groups.items():
                 frames = np.array([m[1] for m in members])
                 if not np.isfinite(frames).all():  # NaN marks bad samples (and fills gaps): mask them
-                    for j, (stream, x, now, gap) in enumerate(members):
+                    for j, (stream, x, gap) in enumerate(members):
                         x, n_bad = stream.clean(x)
                         if n_bad:
                             frames[j] = x
-                            members[j] = (stream, x, now, gap)
+                            members[j] = (stream, x, gap)
                             if not gap:  # a gap was counted where it was found
                                 self.bad_input(BadInput("nan", f"{n_bad} of {x.size} samples are not finite; masked",
                                                         stream.pseudonym))
                 rows = [m[0].detector.row for m in members]
                 try:
                     peaks = bank.feed(rows, frames)
-                    settled, floors = bank.settled_rows(rows)
+                    settled, floors, seen = bank.progress(rows)
                 except Exception as exc:  # noqa: BLE001 - mask these frames, restart their detectors
                     log.error("detector failed on a frame of %d stream(s) (%s); frames masked, detectors restarted",
                               len(members), exc)
                     self.metrics.bad_input.labels("detector").inc(len(members))
-                    peaks = settled = floors = [None] * len(members)
-                for (stream, x, now, _), p, at, floor in zip(members, peaks, settled, floors):
-                    stream.detected(x, now, p, at, floor)
+                    for stream, x, _ in members:
+                        stream.detected(x, None)
+                    continue
+                # Most frames return no beat and end no beat's post-R input: for them the stream
+                # only needs to know where its detector is, not a call.
+                for (stream, x, _), p, at, floor, n in zip(members, peaks, settled, floors, seen):
+                    stream.settled, stream.floor = at, floor
+                    if p or n >= stream.wake:
+                        stream.detected(x, p)
             streams = [s for s in streams if s.queue]
 
     def step(self, now: float | None = None, final: set[str] | frozenset[str] = frozenset()) -> StepOutput:

@@ -40,6 +40,8 @@ DEFAULT_RR_S = 0.8
 #: Raw input kept beyond what encoding the newest beat needs: the detector decides beats up to
 #: about 0.3 s after their R-peak (later only for a searchback), and output waits for them.
 KEEP_EXTRA_S = 1.5
+#: ``BeatStream.wake`` when no beat waits for its post-R input.
+NEVER = 2**62
 
 
 @dataclass
@@ -88,18 +90,21 @@ class BeatStream:
         self._detector_config = detector
         self.detector = StreamingQRSDetector(self.fs, detector, bank)
         self._detector_offset = 0  # input sample of the detector's sample 0 (moves when it restarts)
-        self._settled = 0  # the detector's ``settled`` after the last frame (read by every ``horizon``)
-        self._floor = NO_FLOOR  # ... and its ``searchback_floor``
+        # The detector's ``settled`` and ``searchback_floor`` after the last frame through it (read
+        # by every ``horizon``): set by whoever runs the detector, for every frame.
+        self.settled = 0
+        self.floor = NO_FLOOR
         # Frames received but not yet through the detector: the pipeline runs the detector of every
-        # stream at once, at the next step (DetectorBank); ``ready`` and ``flush_detector`` run
-        # what is left one frame at a time.
-        self.queue: deque[tuple[np.ndarray, float, bool]] = deque()  # (samples, clock, a gap's fill)
+        # stream at once, at the next step (DetectorBank), and calls ``detected`` only for a frame
+        # that returned beats or that a waiting beat's post-R input ends in (``wake``); ``ready``
+        # and ``flush_detector`` run what is left one frame at a time.
+        self.queue: deque[tuple[np.ndarray, bool]] = deque()  # (samples, a gap's fill)
+        self.wake = NEVER  # the detector's sample count from which the first pending beat can be encoded
         self.enc_before, self.enc_after = codec.encode_span(self.fs, spec)
         self.enc_wait = codec.encode_wait(self.fs, spec)  # post-R samples a beat waits for
         self.dec_before, _ = codec.decode_span(self.fs, spec)
         self.splicer = Splicer(self.fs, lost_s=lost_s)
         self.head = 0  # input samples received
-        self._done = 0  # input samples through the detector
         self.timestamp0: float | None = None  # time of sample 0, when the source carries time
         self.seq0 = 0  # the device's own index of sample 0
         # Raw input a beat may be encoded from: the detector's bank holds it (``history``), the
@@ -108,10 +113,10 @@ class BeatStream:
         self.detector.bank.keep_history(self._keep)
         self._buf_start = 0
         self._bad: list[tuple[int, int]] = []  # [a, b) input spans that were NaN, gaps or rejected
-        self._hold = 0.0  # last sample through the detector: what it sees where a frame starts bad
+        self._hold = 0.0  # last sample through a restarted detector that has seen none yet
         self._pending: deque[tuple[int, tuple[float, float, float], float]] = deque()  # (r, rr, arrived) awaiting post-R input
         self._ready: list[ReadyBeats] = []  # encoded, awaiting the models
-        self._arrivals: deque[tuple[int, float]] = deque()  # (input head after a frame, clock)
+        self._arrivals: deque[tuple[int, float]] = deque()  # (input head after a frame, clock), from the buffer's start
         self._last_r: int | None = None
         self._rr = _Recent(LONG_BEATS)  # RR intervals of the last LONG_BEATS beats, s
         self._labels: dict[int, tuple[int, float, str | None]] = {}  # R -> (class, arrival, generator) until emitted
@@ -122,91 +127,116 @@ class BeatStream:
         They are checked when they leave it (``clean``): the pipeline tests a whole step's frames
         at once, where a test per frame would cost more than the rest of feeding it."""
         x = np.asarray(samples, dtype=np.float64)
-        self.queue.append((x, now, False))
+        self.queue.append((x, False))
         self.head += x.size
+        self._arrivals.append((self.head, now))
+        if len(self._arrivals) > _MAX_ARRIVALS:  # a stream with no beat for a long time
+            self._advance_buffer(self._done)
 
     def feed_gap(self, n: int, now: float) -> None:
         """``n`` samples are missing (a dropped frame): masked, and the clock moves on."""
-        self.queue.append((np.full(n, np.nan), now, True))
+        self.queue.append((np.full(n, np.nan), True))
         self.head += n
+        self._arrivals.append((self.head, now))
 
-    def clean(self, x: np.ndarray) -> tuple[np.ndarray, int]:
-        """The next queued frame as the detector sees it: each run of bad samples is masked and
-        holds the last good sample before it. Returns it and how many samples were bad."""
-        bad = ~np.isfinite(x)
-        n_bad = int(bad.sum())
-        if n_bad:
-            x = x.copy()
-            for a, b in _runs(bad):
-                self._bad.append((self._done + a, self._done + b))
-                self.splicer.mask(self._done + a, self._done + b)
-                x[a:b] = x[a - 1] if a > 0 else self._hold
-        return x, n_bad
+    @property
+    def _done(self) -> int:
+        """Input samples through the detector: all received but those still queued for it (a frame
+        the detector is working on has left the queue)."""
+        if not self.queue:
+            return self.head
+        return self.head - sum(x.size for x, _ in self.queue)
 
-    def reset_detector(self) -> None:
-        """Start the detector afresh (after it failed); beats already found are kept."""
-        self.detector.close()
-        self.detector = StreamingQRSDetector(self.fs, self._detector_config, self.detector.bank)
-        # The new detector counts from zero: offset its output by the samples it has not seen.
-        self._detector_offset = self._done
-        self._settled = 0
-        self._floor = NO_FLOOR
-
-    def close(self) -> None:
-        """The session ended: give the detector's row back to its bank."""
-        self.detector.close()
-
-    def detected(self, x: np.ndarray, now: float, peaks: Sequence[RPeak] | None, settled: int | None = None,
-                 floor: int = NO_FLOOR) -> None:
-        """The detector's beats for the next queued frame ``x`` (fed at ``now``), or None when the
-        detector failed on it: then the frame is masked and the detector starts afresh on a
-        masked stretch of its length, as if the frame had been dropped. ``settled`` and
-        ``floor``: the detector's ``settled`` and ``searchback_floor`` after the frame, where the
-        caller has them."""
-        if peaks is None:
-            settled = None
-            self.reset_detector()
-            n = x.size
-            self._bad.append((self._done, self._done + n))
-            self.splicer.mask(self._done, self._done + n)
-            x = np.full(n, x[-1])  # what the detector sees inside a gap: the last good sample
-            try:
-                peaks = self.detector.feed(x)
-            except Exception:  # noqa: BLE001 - failed again: it starts after this stretch instead
-                self.reset_detector()
-                self._detector_offset += n
-                peaks = []
-        if settled is None:
-            settled, floor = self.detector.settled, self.detector.searchback_floor
-        self._settled, self._floor = settled, floor
-        if x.size:
-            self._hold = x[-1]
-        self._done += x.size
-        self._arrivals.append((self._done, now))
-        for peak in peaks:
-            self._add_peak(peak.sample + self._detector_offset)
-        if self._pending and self._pending[0][0] + self.enc_wait < self._done:  # (most frames: not yet)
-            self._encode_ready()
-        if self._done - self._keep > self._buf_start:
-            self._buf_start = self._done - self._keep
+    def _advance_buffer(self, done: int) -> None:
+        """The raw input buffer (in the detector's bank) now starts at ``done - _keep``: forget
+        the frame arrival times and bad spans before it."""
+        if done - self._keep > self._buf_start:
+            self._buf_start = done - self._keep
             while len(self._arrivals) > 1 and self._arrivals[1][0] <= self._buf_start:
                 self._arrivals.popleft()
             if self._bad:
                 self._bad = [(a, b) for a, b in self._bad if b > self._buf_start]
 
+    def _last_sample(self) -> float:
+        """The last sample through the detector: what it sees where a frame starts bad."""
+        _, buf = self.detector.bank.history(self.detector.row)
+        return float(buf[-1]) if len(buf) else self._hold
+
+    def clean(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """The next frame as the detector sees it (just taken from the queue): each run of bad
+        samples is masked and holds the last good sample before it. Returns it and how many
+        samples were bad."""
+        bad = ~np.isfinite(x)
+        n_bad = int(bad.sum())
+        if n_bad:
+            done = self._done - x.size  # input sample of x[0]
+            x = x.copy()
+            for a, b in _runs(bad):
+                self._bad.append((done + a, done + b))
+                self.splicer.mask(done + a, done + b)
+                x[a:b] = x[a - 1] if a > 0 else self._last_sample()
+        return x, n_bad
+
+    def reset_detector(self, done: int) -> None:
+        """Start the detector afresh (after it failed) at input sample ``done``; beats already
+        found are kept."""
+        self.detector.close()
+        self.detector = StreamingQRSDetector(self.fs, self._detector_config, self.detector.bank)
+        # The new detector counts from zero: offset its output by the samples it has not seen.
+        self._detector_offset = done
+        self.settled = 0
+        self.floor = NO_FLOOR
+        self._set_wake()
+
+    def _set_wake(self) -> None:
+        """``wake``: a beat can be encoded once its post-R input has all passed the detector."""
+        self.wake = (self._pending[0][0] + self.enc_wait + 1 - self._detector_offset) if self._pending else NEVER
+
+    def close(self) -> None:
+        """The session ended: give the detector's row back to its bank."""
+        self.detector.close()
+
+    def detected(self, x: np.ndarray, peaks: Sequence[RPeak] | None) -> None:
+        """The detector's beats for frame ``x`` (just through it; ``settled`` and ``floor`` already
+        say where it is), or None when the detector failed on it: then the frame is masked and
+        the detector starts afresh on a masked stretch of its length, as if the frame had been
+        dropped. Needed only for a frame that returned beats, failed, or reached ``wake``: for
+        any other frame it changes nothing but what ``_done`` already says."""
+        done = self._done  # after this frame
+        n = x.size
+        if peaks is None:
+            self.reset_detector(done - n)
+            self._bad.append((done - n, done))
+            self.splicer.mask(done - n, done)
+            self._hold = x[-1]
+            x = np.full(n, x[-1])  # what the detector sees inside a gap: the last good sample
+            try:
+                peaks = self.detector.feed(x)
+            except Exception:  # noqa: BLE001 - failed again: it starts after this stretch instead
+                self.reset_detector(done)
+                peaks = []
+            self.settled, self.floor = self.detector.settled, self.detector.searchback_floor
+        for peak in peaks:
+            self._add_peak(peak.sample + self._detector_offset)
+        if self._pending and self._pending[0][0] + self.enc_wait < done:  # (most frames: not yet)
+            self._advance_buffer(done - n)  # where it started before this frame
+            self._encode_ready(done)
+        self._advance_buffer(done)
+
     def _detect_queued(self) -> None:
         """Run the detector over queued frames one at a time (the pipeline batches them instead)."""
         while self.queue:
-            x, now, gap = self.queue.popleft()
+            x, gap = self.queue.popleft()
             x, n_bad = self.clean(x)
             if n_bad and not gap:
                 log.warning("%s: %d of %d samples are not finite; masked", self.pseudonym, n_bad, x.size)
             try:
                 peaks = self.detector.feed(x)
+                self.settled, self.floor = self.detector.settled, self.detector.searchback_floor
             except Exception as exc:  # noqa: BLE001 - mask the frame, start the detector afresh
                 log.error("detector failed on a frame of %s (%s); frame masked, detector restarted", self.pseudonym, exc)
                 peaks = None
-            self.detected(x, now, peaks)
+            self.detected(x, peaks)
 
     def flush_detector(self) -> None:
         """End of input: let the detector decide what its look-ahead was waiting for."""
@@ -222,18 +252,22 @@ class BeatStream:
         self._rr.append(pre)
         rr = (pre, float(self._rr.mean(LOCAL_BEATS)), float(self._rr.mean(LONG_BEATS)))
         self._pending.append((r, rr, self._arrival(r)))
+        if len(self._pending) == 1:
+            self._set_wake()
 
     def _arrival(self, sample: int) -> float:
         i = bisect.bisect_right(self._arrivals, sample, key=_head)
         return self._arrivals[min(i, len(self._arrivals) - 1)][1]
 
     # ------------------------------------------------------------------------------------------
-    def _encode_ready(self, final: bool = False) -> None:
-        """Encode pending beats whose post-R input has arrived, while it is still buffered (a burst
-        of frames between two model batches must not push a beat's window out of the buffer)."""
+    def _encode_ready(self, done: int, final: bool = False) -> None:
+        """Encode pending beats whose post-R input has passed the detector (``done`` samples have),
+        while it is still buffered (a burst of frames between two model batches must not push a
+        beat's window out of the buffer)."""
         out = []
-        while self._pending and (final or self._pending[0][0] + self.enc_wait < self._done):
+        while self._pending and (final or self._pending[0][0] + self.enc_wait < done):
             out.append(self._pending.popleft())
+        self._set_wake()
         if not out:
             return
         # In Python integers: a stream encodes a beat or two at a time, where each numpy call on a
@@ -261,7 +295,9 @@ class BeatStream:
             return None
         self._detect_queued()
         if final:
-            self._encode_ready(final=True)
+            done = self._done
+            self._advance_buffer(done)
+            self._encode_ready(done, final=True)
         if not self._ready:
             return None
         parts, self._ready = self._ready, []
@@ -297,7 +333,7 @@ class BeatStream:
             return self.head
         # Every beat still to come has its R-peak at or after this: past what the detector has
         # settled, or a peak it judged too small that a searchback may yet take.
-        r = self._detector_offset + min(self._settled, self._floor)
+        r = self._detector_offset + min(self.settled, self.floor)
         h = self.splicer.reach(r, r - self.dec_before)
         first = self._ready[0].r[0] if self._ready else self._pending[0][0] if self._pending else None
         if first is not None:  # detected, not placed yet: held at its row's start (its mask, if it fails)
@@ -311,7 +347,7 @@ class BeatStream:
         # The horizon never passes the earliest R-peak still to come (``Splicer.reach`` stops
         # before it) unless the cursor already has: where that bound says no, so does the horizon,
         # and most calls (about 6 in 10) end here without computing it.
-        bound = self._detector_offset + min(self._settled, self._floor)
+        bound = self._detector_offset + min(self.settled, self.floor)
         cursor = self.splicer.cursor
         if bound - cursor < min_samples and not (self._labels and next(iter(self._labels)) < bound):
             return None
@@ -343,6 +379,11 @@ class BeatStream:
         rows = sum(b.row.nbytes + (0 if b.weights is None else b.weights.nbytes) for b in self.splicer._beats if b.row is not None)
         return (self.detector.memory_bytes + rows + self._rr.nbytes + self._baseline.nbytes
                 + 8 * 3 * len(self._pending))
+
+
+#: Frame arrival times a stream keeps at most before it trims them to its buffer (it trims at every
+#: beat; this bounds a stream with none).
+_MAX_ARRIVALS = 256
 
 
 def _head(arrival: tuple[int, float]) -> int:

@@ -244,10 +244,11 @@ def _bank_run(signals: list[np.ndarray], fs: float, lengths, joins: list[int], r
             rows = [dets[k].row for k, _ in members]
             for (k, _), beats in zip(members, bank.feed(rows, [x for _, x in members])):
                 got[k].extend(beats)
-            # The pipeline's form of each row's ``settled`` (0 while learning, then behind n_seen)
-            # and ``searchback_floor``.
-            assert bank.settled_rows(rows) == ([dets[k].settled for k, _ in members],
-                                               [dets[k].searchback_floor for k, _ in members])
+            # The pipeline's form of each row's ``settled`` (0 while learning, then behind n_seen),
+            # ``searchback_floor`` and samples seen.
+            assert bank.progress(rows) == ([dets[k].settled for k, _ in members],
+                                           [dets[k].searchback_floor for k, _ in members],
+                                           [dets[k].n_seen for k, _ in members])
         tick += 1
     for k, det in dets.items():
         got[k].extend(det.flush())

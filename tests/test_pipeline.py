@@ -550,6 +550,66 @@ def test_a_stream_counts_non_finite_samples_only_and_holds_the_last_good_one() -
     cleaned, n_bad = stream.clean(x)
     assert n_bad == 3 and np.isnan(x[30])  # the caller's frame is not written
     assert np.array_equal(cleaned, np.r_[np.arange(30.0), [29.0] * 3, np.ones(3)])
+    # A frame that starts bad holds the last sample the detector saw, before the frame.
+    stream.feed(x, 0.1)
+    stream.ready()  # runs the stream's own detector over its queue
+    stream.feed(np.r_[np.nan, np.nan, 5.0], 0.2)
+    frame, _ = stream.queue.popleft()
+    assert stream.clean(frame)[0].tolist() == [1.0, 1.0, 5.0]
+
+
+def test_a_frame_with_no_beat_and_no_window_end_needs_no_call_to_its_stream(sessions, monkeypatch) -> None:
+    """The step calls ``BeatStream.detected`` only for frames that return beats or end a waiting
+    beat's post-R input; every other frame the stream knows of from the detector's progress alone.
+    The same frames (with bad samples at frame starts, where the stream holds the last good
+    sample, and a dropped frame) give the same bits when every frame gets its call."""
+    from edge.stream import BeatStream
+
+    x, fs = _slice("208")
+    n = 36
+    bad = {40: (0, 6), 41: (0, 36), 42: (0, 3), 170: (10, 20), 300: (0, 1)}
+
+    def run() -> tuple[StepOutput, list[tuple[int, str, int]], int]:
+        anonymizer = Anonymizer(*sessions, PipelineSettings(seed=5))
+        out, beats = StepOutput(), []  # beats: (R sample, class, frame after which it went out)
+        for k in range(len(x) // n):
+            if k == 220:
+                continue  # dropped: a gap the step fills
+            frame = x[k * n : (k + 1) * n].copy()
+            if k in bad:
+                frame[bad[k][0] : bad[k][1]] = np.nan
+            out.extend(anonymizer.feed(Frame("a", frame, fs, seq=k * n), now=(k + 1) * n / fs))
+            done = anonymizer.step(now=(k + 1) * n / fs)
+            beats += [(b.sample, b.label, k) for b in done.beats]
+            out.extend(done)
+        out.extend(anonymizer.close())
+        return out, beats, len(x) // n - 1
+
+    calls = {"n": 0}
+    detected = BeatStream.detected
+
+    def counted(self, frame, peaks):
+        calls["n"] += 1
+        return detected(self, frame, peaks)
+
+    monkeypatch.setattr(BeatStream, "detected", counted)
+    skipping, skipping_beats, frames = run()
+    assert 0 < calls["n"] < 0.6 * frames
+
+    init = BeatStream.__init__
+
+    def always(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.wake = 0
+
+    monkeypatch.setattr(BeatStream, "__init__", always)
+    monkeypatch.setattr(BeatStream, "_set_wake", lambda self: setattr(self, "wake", 0))
+    calls["n"] = 0
+    every, every_beats, _ = run()
+    assert calls["n"] == frames + 1  # and the dropped frame's gap
+    assert skipping_beats == every_beats and len(skipping_beats) > 100  # the same beats, in the same steps
+    assert (np.concatenate([f.samples for f in skipping.frames]).tobytes()
+            == np.concatenate([f.samples for f in every.frames]).tobytes())
 
 
 def test_the_step_counts_each_frame_with_bad_samples_once_and_masks_them(sessions) -> None:
