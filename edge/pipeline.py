@@ -111,7 +111,9 @@ class Anonymizer:
         self._opened: dict[str, int] = {}
         self._sessions_opened = itertools.count()
         self._banks: dict[float, DetectorBank] = {}  # the detectors of every stream of one rate
+        self._chunk: dict[float, int] = {}  # output samples worth a message of their own, per rate
         self._queued: dict[str, BeatStream] = {}  # streams with frames the detector has not seen
+        self._encoded: set[str] = set()  # devices whose streams have beats ready for the models
         # Frames and samples accepted since the last step: the counters take them once per step
         # (a Prometheus increment per frame costs more than the frame's checks).
         self._fed = [0, 0]
@@ -212,6 +214,7 @@ class Anonymizer:
         bank = self._banks.get(frame.fs)
         if bank is None:
             bank = self._banks[frame.fs] = DetectorBank(frame.fs, s.detector)
+            self._chunk[frame.fs] = round(s.emit_s * frame.fs)
         stream = BeatStream(frame.fs, pseudonym, persona, np.random.default_rng(self.rng.integers(2**63)),
                             self.spec, s.detector, s.lost_s, bank)
         stream.timestamp0 = frame.timestamp
@@ -241,6 +244,7 @@ class Anonymizer:
         stream.close()
         if not self._banks[stream.fs]:  # the last stream of its rate
             del self._banks[stream.fs]
+            del self._chunk[stream.fs]
         info = self._info.pop(device)
         info.state = "ended"
         out.ended.append(info)
@@ -261,25 +265,26 @@ class Anonymizer:
         frame per stream, so each stream's frames go through in order; in each round the frames of
         one bank and length are one array operation. A detector that fails masks its frames and
         starts afresh (fail closed)."""
-        streams = list(self._queued.values())
+        streams = list(self._queued.items())
         self._queued.clear()
+        encoded = self._encoded
         while streams:
-            groups: dict[tuple[DetectorBank, int], list[tuple[BeatStream, np.ndarray, bool]]] = {}
-            for stream in streams:
+            groups: dict[tuple[DetectorBank, int], list[tuple[str, BeatStream, np.ndarray, bool]]] = {}
+            for device, stream in streams:
                 x, gap = stream.queue.popleft()
-                groups.setdefault((stream.detector.bank, x.size), []).append((stream, x, gap))
+                groups.setdefault((stream.detector.bank, x.size), []).append((device, stream, x, gap))
             for (bank, _), members in groups.items():
-                frames = np.array([m[1] for m in members])
+                frames = np.array([m[2] for m in members])
                 if not np.isfinite(frames).all():  # NaN marks bad samples (and fills gaps): mask them
-                    for j, (stream, x, gap) in enumerate(members):
+                    for j, (device, stream, x, gap) in enumerate(members):
                         x, n_bad = stream.clean(x)
                         if n_bad:
                             frames[j] = x
-                            members[j] = (stream, x, gap)
+                            members[j] = (device, stream, x, gap)
                             if not gap:  # a gap was counted where it was found
                                 self.bad_input(BadInput("nan", f"{n_bad} of {x.size} samples are not finite; masked",
                                                         stream.pseudonym))
-                rows = [m[0].detector.row for m in members]
+                rows = [m[1].detector.row for m in members]
                 try:
                     peaks = bank.feed(rows, frames)
                     settled, floors, seen = bank.progress(rows)
@@ -287,43 +292,53 @@ class Anonymizer:
                     log.error("detector failed on a frame of %d stream(s) (%s); frames masked, detectors restarted",
                               len(members), exc)
                     self.metrics.bad_input.labels("detector").inc(len(members))
-                    for stream, x, _ in members:
-                        stream.detected(x, None)
+                    for device, stream, x, _ in members:
+                        if stream.detected(x, None):
+                            encoded.add(device)
                     continue
                 # Most frames return no beat and end no beat's post-R input: for them the stream
                 # only needs to know where its detector is, not a call.
-                for (stream, x, _), p, at, floor, n in zip(members, peaks, settled, floors, seen):
+                for (device, stream, x, _), p, at, floor, n in zip(members, peaks, settled, floors, seen):
                     stream.settled, stream.floor = at, floor
-                    if p or n >= stream.wake:
-                        stream.detected(x, p)
-            streams = [s for s in streams if s.queue]
+                    if (p or n >= stream.wake) and stream.detected(x, p):
+                        encoded.add(device)
+            streams = [(d, s) for d, s in streams if s.queue]
 
     def step(self, now: float | None = None, final: set[str] | frozenset[str] = frozenset()) -> StepOutput:
         """Detection over the queued frames, one model batch over every stream's ready beats, then
         each stream's final output."""
         now = self.clock() if now is None else now
         self.detect()
-        # Only streams fed since the last step (or ending now) can have new beats or new output.
+        streams, order = self.streams, self._opened.__getitem__
+        # Beats for the models: from the streams whose frames just encoded some, and those ending.
         # In the streams' own order, so the batch (and its draws) does not depend on set order.
-        fed = self._dirty | final if final else self._dirty
-        touched = [(d, self.streams[d]) for d in sorted((d for d in fed if d in self.streams), key=self._opened.__getitem__)]
-        self._dirty = set()
         ready: list[tuple[str, BeatStream, ReadyBeats]] = []
-        for device, stream in touched:
+        for device in sorted((d for d in (self._encoded | final if final else self._encoded) if d in streams), key=order):
+            stream = streams[device]
             r = stream.ready(final=device in final)
             if r is not None:
                 ready.append((device, stream, r))
+        self._encoded = set()
         if ready:
             self._render(ready)
+        # Output: only streams fed since the last step (or ending now) can have any.
+        emitting: list[tuple[str, BeatStream, int | None]] = [(d, streams[d], None) for d in final if d in streams]
+        chunk = self._chunk
+        for device in self._dirty:
+            stream = streams.get(device)
+            if stream is not None and device not in final:
+                until = stream.due(chunk[stream.fs])
+                if until is not None:
+                    emitting.append((device, stream, until))
+        # (Streams not due: not worth a message yet; nothing changes that until they are fed again.)
+        self._dirty = set()
+        emitting.sort(key=lambda e: order(e[0]))
         out = StepOutput()
         classes = self.spec_classes()
         labels = [0] * len(classes)  # beats emitted per class; counters and totals go in once per step
         n_out = n_masked = 0
-        for device, stream in touched:
-            is_final = device in final
-            until = None if is_final else stream.due(round(self.settings.emit_s * stream.fs))
-            if until is None and not is_final:
-                continue  # not worth a message yet; nothing changes that until the stream is fed again
+        for device, stream, until in emitting:
+            is_final = until is None
             emitted = stream.emit(now, final=is_final, until=until)
             if len(emitted.samples) == 0 and not emitted.beats:
                 continue

@@ -196,12 +196,13 @@ class BeatStream:
         """The session ended: give the detector's row back to its bank."""
         self.detector.close()
 
-    def detected(self, x: np.ndarray, peaks: Sequence[RPeak] | None) -> None:
+    def detected(self, x: np.ndarray, peaks: Sequence[RPeak] | None) -> bool:
         """The detector's beats for frame ``x`` (just through it; ``settled`` and ``floor`` already
         say where it is), or None when the detector failed on it: then the frame is masked and
         the detector starts afresh on a masked stretch of its length, as if the frame had been
         dropped. Needed only for a frame that returned beats, failed, or reached ``wake``: for
-        any other frame it changes nothing but what ``_done`` already says."""
+        any other frame it changes nothing but what ``_done`` already says. True when beats now
+        wait for the models (``ready``)."""
         done = self._done  # after this frame
         n = x.size
         if peaks is None:
@@ -222,6 +223,7 @@ class BeatStream:
             self._advance_buffer(done - n)  # where it started before this frame
             self._encode_ready(done)
         self._advance_buffer(done)
+        return bool(self._ready)
 
     def _detect_queued(self) -> None:
         """Run the detector over queued frames one at a time (the pipeline batches them instead)."""
