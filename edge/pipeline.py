@@ -398,8 +398,7 @@ class Anonymizer:
                 cls_rr = _columns(rr[idx], self.classifier.contract.rr_features)
                 labels[idx] = self.classifier.classify(beats[idx], cls_rr)
                 reason = "generator"
-                personas = np.repeat(np.stack([s.persona.latent for _, s, _ in ready]), np.diff(batch.starts),
-                                     axis=0)[idx]
+                personas = np.array([s.persona.latent for _, s, r in ready for _ in r.r])[idx]
                 z = self.settings.beat_spread * self.rng.standard_normal((idx.size, self.generator.contract.beat_dim))
                 gen_rr = _columns(rr[idx], self.generator.contract.rr_features)
                 surrogates = _checked(self.generator.generate(personas, z, labels[idx], gen_rr), idx.size, self.spec.length)
