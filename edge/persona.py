@@ -65,9 +65,10 @@ class BaselineTrack:
     A stream emits a few dozen samples at a time; computing the wander and drawing the noise per
     emit cost more in numpy call overhead than in arithmetic. The block holds the same values the
     per-emit calls would give (the noise is the same draws in the same order from ``rng``, which
-    nothing else reads)."""
+    nothing else reads). Six seconds a block: at 360 Hz a 2 s block cost 22 µs per second of
+    output, a 6 s one 15 µs (8 KiB per second held)."""
 
-    def __init__(self, persona: Persona, fs: float, rng: np.random.Generator, block_s: float = 2.0) -> None:
+    def __init__(self, persona: Persona, fs: float, rng: np.random.Generator, block_s: float = 6.0) -> None:
         self.persona, self.fs, self.rng = persona, fs, rng
         self._block = max(1, round(block_s * fs))
         self._start = 0  # output sample of _values[0]

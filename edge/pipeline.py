@@ -160,49 +160,50 @@ class Anonymizer:
         """One frame of one device: checked and queued now, detection and models at the next ``step``."""
         now = self.clock() if now is None else now
         out = _NOTHING  # most frames only join their stream's queue; a session start or end makes a new one
+        device, fs, seq = frame.device, frame.fs, frame.seq
         x = np.asarray(frame.samples, dtype=np.float64)
-        if x.ndim != 1 or x.size == 0:
-            self.bad_input(BadInput("shape", f"a frame must be a non-empty 1-D array, got shape {x.shape}", frame.device))
+        n = x.size
+        if x.ndim != 1 or n == 0:
+            self.bad_input(BadInput("shape", f"a frame must be a non-empty 1-D array, got shape {x.shape}", device))
             return out
-        if not (codec.MIN_FS <= frame.fs <= codec.MAX_FS):  # NaN fails the comparison too
+        if not (codec.MIN_FS <= fs <= codec.MAX_FS):  # NaN fails the comparison too
             self.bad_input(BadInput(
-                "rate", f"sample rate {frame.fs} Hz is outside {codec.MIN_FS:g}-{codec.MAX_FS:g} Hz; frame dropped",
-                frame.device))
+                "rate", f"sample rate {fs} Hz is outside {codec.MIN_FS:g}-{codec.MAX_FS:g} Hz; frame dropped", device))
             return out
-        stream = self.streams.get(frame.device)
-        if stream is not None and stream.fs != frame.fs:
-            self.bad_input(BadInput(
-                "rate", f"sample rate changed from {stream.fs:g} to {frame.fs:g} Hz: new session", frame.device))
-            out = self.end(frame.device, "rate changed", now)
-            stream = None
-        if stream is not None and frame.seq is not None:
-            gap = frame.seq - stream.seq0 - stream.head
-            if gap < 0:
-                self.bad_input(BadInput("order", f"frame starts at sample {frame.seq}, {-gap} already received; dropped",
-                                        frame.device))
-                return out
-            if gap > self.settings.max_gap_s * stream.fs:
-                self.bad_input(BadInput("gap", f"{gap} samples missing (> {self.settings.max_gap_s:g} s): new session",
-                                        frame.device))
-                out = self.end(frame.device, "gap", now)
+        settings = self.settings
+        stream = self.streams.get(device)
+        if stream is not None:
+            if stream.fs != fs:
+                self.bad_input(BadInput("rate", f"sample rate changed from {stream.fs:g} to {fs:g} Hz: new session",
+                                        device))
+                out = self.end(device, "rate changed", now)
                 stream = None
-            elif gap:  # the source counted it as bad input when it saw it; here it is filled
-                log.info("%s: %d missing samples masked", stream.pseudonym, gap)
-                stream.feed_gap(gap, now)
+            elif seq is not None and (gap := seq - stream.seq0 - stream.head):
+                if gap < 0:
+                    self.bad_input(BadInput("order", f"frame starts at sample {seq}, {-gap} already received; dropped",
+                                            device))
+                    return out
+                if gap > settings.max_gap_s * fs:
+                    self.bad_input(BadInput("gap", f"{gap} samples missing (> {settings.max_gap_s:g} s): new session",
+                                            device))
+                    out = self.end(device, "gap", now)
+                    stream = None
+                else:  # the source counted it as bad input when it saw it; here it is filled
+                    log.info("%s: %d missing samples masked", stream.pseudonym, gap)
+                    stream.feed_gap(gap, now)
         if stream is None:
             out = StepOutput() if out is _NOTHING else out
             stream = self._open(frame, out)
-        self._queued[frame.device] = stream
-        if x.size > self.settings.max_frame_s * frame.fs:
+        self._queued[device] = stream
+        self._dirty.add(device)
+        if n > settings.max_frame_s * fs:
             self.bad_input(BadInput(
-                "oversize", f"frame of {x.size} samples is longer than {self.settings.max_frame_s:g} s; masked",
-                frame.device))
-            stream.feed_gap(x.size, now)
-            self._dirty.add(frame.device)
+                "oversize", f"frame of {n} samples is longer than {settings.max_frame_s:g} s; masked", device))
+            stream.feed_gap(n, now)
             return out
-        self._dirty.add(frame.device)
-        self._fed[0] += 1
-        self._fed[1] += x.size
+        fed = self._fed
+        fed[0] += 1
+        fed[1] += n
         stream.feed(x, now)  # non-finite samples are counted as bad input when the step cleans them
         return out
 
