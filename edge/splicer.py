@@ -36,10 +36,10 @@ class _Placed:
     start: int  # first sample of the row
     row: np.ndarray | None  # None: the beat could not be rendered; its span is masked
     floor: int = 0  # first sample it may contribute to (the cursor when it arrived late)
-    # Its weights over the whole row, and the beat after it they were computed with (the only
-    # neighbour that can still change: a beat placed later).
-    weights: np.ndarray | None = None
-    weights_next: _Placed | None = None
+    # Its weight's ramps (``Splicer._ramps``), and the beat after it they were computed with (the
+    # only neighbour that can still change: a beat placed later).
+    ramps: tuple[int, int, int, int] | None = None
+    ramps_next: _Placed | None = None
 
 
 class Splicer:
@@ -120,8 +120,24 @@ class Splicer:
             return np.empty(0)
         out = np.zeros(n)
         for i, beat, seg_lo, seg_hi in self._live(lo, until):
-            w = self._row_weights(i)[seg_lo - beat.start : seg_hi - beat.start]
-            out[seg_lo - lo : seg_hi - lo] += w * beat.row[seg_lo - beat.start : seg_hi - beat.start]
+            row, s = beat.row, beat.start
+            up_lo, up_hi, down_lo, down_hi = self._ramps(i)
+            if not s <= up_lo <= up_hi <= down_lo <= down_hi <= s + len(row):  # not the usual beat: weigh it whole
+                w = self._row_weights(i)[seg_lo - s : seg_hi - s]
+                out[seg_lo - lo : seg_hi - lo] += w * row[seg_lo - s : seg_hi - s]
+                continue
+            # The usual beat, weight 0, ramp up, 1, ramp down, 0 (``_weight``): each part of the
+            # segment by itself, the same bits as weighing it whole (1 * x is x; the zeros add
+            # nothing, and ``out`` is never -0), without building the weights.
+            a, b = max(seg_lo, up_lo), min(seg_hi, up_hi)
+            if a < b:
+                out[a - lo : b - lo] += _full_ramp(up_hi - up_lo)[a - up_lo : b - up_lo] * row[a - s : b - s]
+            a, b = max(seg_lo, up_hi), min(seg_hi, down_lo)
+            if a < b:
+                out[a - lo : b - lo] += row[a - s : b - s]
+            a, b = max(seg_lo, down_lo), min(seg_hi, down_hi)
+            if a < b:
+                out[a - lo : b - lo] += _full_fall(down_hi - down_lo)[a - down_lo : b - down_lo] * row[a - s : b - s]
         lost = self._lost(lo, until)
         if lost:  # rare (a pause in the rhythm): only then is it worth summing the beats' weights
             weight = np.zeros(n)
@@ -142,13 +158,19 @@ class Splicer:
 
     def _row_weights(self, i: int) -> np.ndarray:
         """Beat ``i``'s weight over its whole row: 1 inside its own part, raised-cosine ramps at the
-        boundaries it shares with neighbours and at its free ends. Kept with the beat and computed
-        again only when a beat was placed after it since: a beat spans several emits, and a
-        sample's weight does not depend on which emit asks."""
+        boundaries it shares with neighbours and at its free ends (``_ramps``)."""
+        beat = self._beats[i]
+        return _weight(beat.start, beat.start + len(beat.row), *self._ramps(i))
+
+    def _ramps(self, i: int) -> tuple[int, int, int, int]:
+        """Beat ``i``'s weight ramps: up over [up_lo, up_hi), down over [down_lo, down_hi) (an empty
+        ramp is a step at its start). Kept with the beat and computed again only when a beat was
+        placed after it since: a beat spans several emits, and a sample's weight does not depend
+        on which emit asks."""
         beat = self._beats[i]
         nxt = self._beats[i + 1] if i + 1 < len(self._beats) else None
-        if beat.weights is not None and beat.weights_next is nxt:
-            return beat.weights
+        if beat.ramps is not None and beat.ramps_next is nxt:
+            return beat.ramps
         end = beat.start + len(beat.row)
         first = beat.floor
         head_lo, head_hi = first, first + 2 * self.ramp  # free end: fade in from zero
@@ -162,8 +184,8 @@ class Splicer:
             b, w = self._boundary(beat.r, end - 1, nxt.r, nxt.floor)
             if w:
                 tail_lo, tail_hi = b - w, b + w
-        beat.weights, beat.weights_next = _weight(beat.start, end, head_lo, head_hi, tail_lo, tail_hi), nxt
-        return beat.weights
+        beat.ramps, beat.ramps_next = (head_lo, max(head_hi, head_lo), tail_lo, max(tail_hi, tail_lo)), nxt
+        return beat.ramps
 
     def _boundary(self, a_r: int, a_end: int, b_r: int, b_start: int) -> tuple[int, int]:
         """Cross-fade centre and half-width between consecutive rendered beats (R-peaks ``a_r`` <

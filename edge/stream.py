@@ -378,7 +378,7 @@ class BeatStream:
 
     def memory_bytes(self) -> int:
         """Bytes held in this stream's arrays (buffers, splicer rows, detector ring, baseline block)."""
-        rows = sum(b.row.nbytes + (0 if b.weights is None else b.weights.nbytes) for b in self.splicer._beats if b.row is not None)
+        rows = sum(b.row.nbytes for b in self.splicer._beats if b.row is not None)
         return (self.detector.memory_bytes + rows + self._rr.nbytes + self._baseline.nbytes
                 + 8 * 3 * len(self._pending))
 
