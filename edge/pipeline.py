@@ -514,6 +514,9 @@ def _encode(ready: list[tuple[str, BeatStream, ReadyBeats]], batch: _Batch, spec
     """Canonical beats of every ready beat, in ``ready`` order: one codec call per sample rate
     (the codec's cost per call is far above its cost per beat, so a beat or two per stream per
     step would spend most of the time in call overhead)."""
+    if len(batch.by_rate) == 1:  # one rate, the usual case: the codec's rows are already in ``ready`` order
+        (fs,) = batch.by_rate
+        return codec.encode_windows(np.concatenate([r.windows for _, _, r in ready]), fs, spec)
     starts = batch.starts
     beats = np.empty((int(starts[-1]), spec.length), dtype=np.float32)
     for fs, members in batch.by_rate.items():
