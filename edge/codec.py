@@ -51,7 +51,7 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -376,6 +376,19 @@ def cut_windows(signal: np.ndarray, r_peaks: np.ndarray, fs: float, spec: CodecS
     at most this many samples past each R-peak and repeat the last of them beyond (a live stream
     passes :func:`encode_wait`), so the window does not depend on how much input has arrived."""
     return _cut(np.asarray(signal, dtype=np.float64), np.asarray(r_peaks), _encode_kernel(_check_fs(fs), spec), after)
+
+
+def window_cutter(fs: float, spec: CodecSpec = DEFAULT_SPEC,
+                  after: int | None = None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """:func:`cut_windows` for one rate and ``after``, as a function of a float64 signal and the
+    R-peaks: a live stream cuts a beat or two at a time, where finding the kernel again and
+    checking the rate cost about half of what the cut does."""
+    kernel = _encode_kernel(_check_fs(fs), spec)
+
+    def cut(signal: np.ndarray, r_peaks: np.ndarray) -> np.ndarray:
+        return _cut(signal, r_peaks, kernel, after)
+
+    return cut
 
 
 def _cut(x: np.ndarray, r: np.ndarray, kernel: _Kernel, after: int | None = None) -> np.ndarray:

@@ -102,6 +102,7 @@ class BeatStream:
         self.wake = NEVER  # the detector's sample count from which the first pending beat can be encoded
         self.enc_before, self.enc_after = codec.encode_span(self.fs, spec)
         self.enc_wait = codec.encode_wait(self.fs, spec)  # post-R samples a beat waits for
+        self._cut_windows = codec.window_cutter(self.fs, spec, after=self.enc_wait)
         self.dec_before, _ = codec.decode_span(self.fs, spec)
         self.splicer = Splicer(self.fs, lost_s=lost_s)
         self.head = 0  # input samples received
@@ -281,8 +282,7 @@ class BeatStream:
         if not len(buf):  # a detector restarted after this stretch; its beats are masked below
             buf = np.zeros(1)
         last = len(buf) - 1
-        windows = codec.cut_windows(buf, np.array([min(max(k - first, 0), last) for k in r]), self.fs, self.spec,
-                                    after=wait)
+        windows = self._cut_windows(buf, np.array([min(max(k - first, 0), last) for k in r]))
         # A beat is rendered only if its window was still buffered when it was decided (or the
         # session's start, which the codec pads) and holds no bad input. (The bank holds at least
         # what the buffer's start says; input from before a detector restart it does not, but a

@@ -32,6 +32,7 @@ from edge.codec import (
     encode_span,
     encode_wait,
     encode_windows,
+    window_cutter,
 )
 from edge.records import Record, read_record
 
@@ -373,10 +374,13 @@ def test_a_live_beat_waits_only_for_its_post_r_window(fs: int) -> None:
     x, r = _at_rate("208", fs)
     r = r[(r > 400) & (r < len(x) - 2 * after)]
     cut = cut_windows(x, r, fs, after=wait)
+    cutter = window_cutter(fs, after=wait)  # a stream's own: the same windows
+    assert np.array_equal(cutter(x, r), cut)
     for k in range(0, len(r), 10):  # input arriving after the wait does not reach the beat
         later = x.copy()
         later[r[k] + wait + 1 :] += 5.0
         assert np.array_equal(cut_windows(later, r[k : k + 1], fs, after=wait)[0], cut[k])
+        assert np.array_equal(cutter(later, r[k : k + 1])[0], cut[k])
         assert not np.array_equal(cut_windows(later, r[k : k + 1], fs)[0], cut_windows(x, r[k : k + 1], fs)[0])
     live, full = encode_windows(cut, fs), encode(x, r, fs).beats
     diff = np.abs(live - full).max(axis=1)
