@@ -362,14 +362,14 @@ class DetectorBank:
             # rows at once), larger than the last look_back and not smaller than the next look.
             rows = idx[at]
             first = check[at] - 1 - self._origin[rows]  # storage column of sample check - 1
-            f = self._data.reshape(-1)[self._at(rows, 2, first)[:, None] + np.arange(n + 2)]
+            flat = self._data.reshape(-1)
+            f = flat[self._at(rows, 2, first)[:, None] + np.arange(n + 2)]
             value = f[:, 1:-1]
             local = (value > f[:, :-2]) & (value >= f[:, 2:]) & (value > 0)
             r, c = np.nonzero(local)
             if r.size:
                 col = first[r] + 1 + c  # storage column of each local maximum
                 pos = self._at(rows[r], 2, col)
-                flat = self._data.reshape(-1)
                 peak = flat[pos]
                 before = flat[pos[:, None] + np.arange(-sp.look_back, 0)].max(axis=1)
                 after = flat[pos[:, None] + np.arange(1, sp.look + 1)].max(axis=1)

@@ -111,7 +111,6 @@ class Anonymizer:
         self._opened: dict[str, int] = {}
         self._sessions_opened = itertools.count()
         self._banks: dict[float, DetectorBank] = {}  # the detectors of every stream of one rate
-        self._chunk: dict[float, int] = {}  # output samples worth a message of their own, per rate
         self._queued: dict[str, BeatStream] = {}  # streams with frames the detector has not seen
         self._encoded: set[str] = set()  # devices whose streams have beats ready for the models
         # Frames and samples accepted since the last step: the counters take them once per step
@@ -215,7 +214,6 @@ class Anonymizer:
         bank = self._banks.get(frame.fs)
         if bank is None:
             bank = self._banks[frame.fs] = DetectorBank(frame.fs, s.detector)
-            self._chunk[frame.fs] = round(s.emit_s * frame.fs)
         stream = BeatStream(frame.fs, pseudonym, persona, np.random.default_rng(self.rng.integers(2**63)),
                             self.spec, s.detector, s.lost_s, bank)
         stream.timestamp0 = frame.timestamp
@@ -245,7 +243,6 @@ class Anonymizer:
         stream.close()
         if not self._banks[stream.fs]:  # the last stream of its rate
             del self._banks[stream.fs]
-            del self._chunk[stream.fs]
         info = self._info.pop(device)
         info.state = "ended"
         out.ended.append(info)
@@ -324,7 +321,7 @@ class Anonymizer:
             self._render(ready)
         # Output: only streams fed since the last step (or ending now) can have any.
         emitting: list[tuple[str, BeatStream, int | None]] = [(d, streams[d], None) for d in final if d in streams]
-        chunk = self._chunk
+        chunk = {fs: round(self.settings.emit_s * fs) for fs in self._banks}  # output worth a message, per rate
         for device in self._dirty:
             stream = streams.get(device)
             if stream is not None and device not in final:

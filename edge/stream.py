@@ -349,13 +349,14 @@ class BeatStream:
         # The horizon never passes the earliest R-peak still to come (``Splicer.reach`` stops
         # before it) unless the cursor already has: where that bound says no, so does the horizon,
         # and most calls (about 6 in 10) end here without computing it.
+        # ``_labels`` holds R-peaks in increasing order (beats are placed in order), so the first is the earliest.
+        first = next(iter(self._labels)) if self._labels else None
         bound = self._detector_offset + min(self.settled, self.floor)
         cursor = self.splicer.cursor
-        if bound - cursor < min_samples and not (self._labels and next(iter(self._labels)) < bound):
+        if bound - cursor < min_samples and not (first is not None and first < bound):
             return None
         h = self.horizon()
-        # ``_labels`` holds R-peaks in increasing order (beats are placed in order), so the first is the earliest.
-        if h - self.splicer.cursor >= min_samples or (self._labels and next(iter(self._labels)) < h):
+        if h - cursor >= min_samples or (first is not None and first < h):
             return h
         return None
 
