@@ -385,6 +385,23 @@ def test_memory_per_stream_stays_bounded(sessions) -> None:
     assert sizes[-1] <= 1.2 * sizes[0]
 
 
+def test_a_stream_with_no_beats_stays_bounded(sessions) -> None:
+    """A stream trims its frames' arrival times at each beat; one that has none for minutes (a
+    flat line: electrodes off) keeps a bounded number all the same, and its output is masked."""
+    from edge.stream import _MAX_ARRIVALS
+
+    anonymizer = Anonymizer(*sessions, PipelineSettings(seed=1))
+    fs, n = 360.0, 36
+    out = StepOutput()
+    for k in range(3000):  # five minutes
+        out.extend(anonymizer.feed(Frame("strap", np.zeros(n), fs, seq=k * n), now=(k + 1) * n / fs))
+        out.extend(anonymizer.step(now=(k + 1) * n / fs))
+    stream = anonymizer.streams["strap"]
+    assert not out.beats and len(stream._arrivals) <= _MAX_ARRIVALS + 1
+    emitted = np.concatenate([f.samples for f in out.frames])
+    assert emitted.size > 100_000 and np.isnan(emitted[-50_000:]).all()
+
+
 def test_bad_input_is_counted_and_other_streams_go_on(sessions) -> None:
     gen, cls = sessions
     x, fs = _slice("100")
