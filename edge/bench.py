@@ -75,6 +75,43 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class Wearables:
+    """Simulated wearables playing ``signal``, each from its own offset, in frames of ``frame_ms``.
+
+    Staggered: each joins at its own moment in the first ``JOIN_S`` and sends on its own phase;
+    otherwise every frame of every wearable arrives at the same instant. Frame k of wearable i
+    arrives (its last sample is sent) at ``phase[i] + (k + 1) * frame_s``.
+    """
+
+    def __init__(self, streams: int, signal: np.ndarray, fs: float, frame_ms: float, seed: int = 0,
+                 staggered: bool = True) -> None:
+        self.n = round(frame_ms * fs / 1000)
+        self.frame_s = self.n / fs
+        rng = np.random.default_rng(seed)
+        self._offsets = rng.integers(0, len(signal), streams)
+        self._phase = rng.uniform(0.0, JOIN_S, streams) if staggered else np.zeros(streams)
+        self._doubled = np.concatenate([signal, signal])  # wrap around without a seam at the offset
+        self._length = len(signal)
+        self._sent = np.zeros(streams, dtype=np.int64)  # frames sent per wearable
+
+    @property
+    def frames_sent(self) -> int:
+        return int(self._sent.sum())
+
+    def arrived(self, clock: float) -> list[tuple[str, np.ndarray, int, float]]:
+        """The frames that arrived since the last call, by ``clock``: (device, samples, first
+        sample's index, arrival time), in wearable order."""
+        due = np.floor((clock - self._phase) / self.frame_s + 1e-9).astype(np.int64)
+        out = []
+        for i in np.flatnonzero(due > self._sent).tolist():
+            for k in range(int(self._sent[i]), int(due[i])):
+                start = (self._offsets[i] + k * self.n) % self._length
+                out.append((f"w{i}", self._doubled[start : start + self.n], k * self.n,
+                            float(self._phase[i] + (k + 1) * self.frame_s)))
+            self._sent[i] = due[i]
+        return out
+
+
 def run_once(generator, classifier, streams: int, seconds: float, frame_ms: float, signal: np.ndarray,
              fs: float, seed: int = 0, arrivals: str = "staggered", tick_s: float | None = None,
              clock: str = "cpu") -> BenchResult:
@@ -109,20 +146,13 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
     tune_collector()  # as the service does when it starts
     metrics = EdgeMetrics()
     anonymizer = Anonymizer(generator, classifier, PipelineSettings(seed=seed), metrics)
-    n = round(frame_ms * fs / 1000)
-    frame_s = n / fs
-    rng = np.random.default_rng(seed)
-    offsets = rng.integers(0, len(signal), streams)
-    # Frame k of wearable i arrives (its last sample is sent) at phase[i] + (k + 1) * frame_s.
-    phase = rng.uniform(0.0, JOIN_S, streams) if arrivals == "staggered" else np.zeros(streams)
-    doubled = np.concatenate([signal, signal])  # wrap around without a seam at the offset
+    wearables = Wearables(streams, signal, fs, frame_ms, seed, staggered=arrivals == "staggered")
     end_s = WARM_UP_S + seconds
-    sent = np.zeros(streams, dtype=np.int64)  # frames fed per wearable
     latency: list[float] = []
     beats0 = cpu0 = wall0 = None
-    wearables = 0.0  # CPU seconds the simulated wearables took in the measured part
+    simulation = 0.0  # CPU seconds the simulated wearables took in the measured part
     fed0 = 0
-    period = tick_s if arrivals == "staggered" else frame_s  # the service's tick, or one step per frame
+    period = tick_s if arrivals == "staggered" else wearables.frame_s  # the service's tick, or one step per frame
     clock = next_at = period
     while True:
         clock = max(clock, next_at)  # idle until the tick is due
@@ -130,21 +160,14 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
             break
         if beats0 is None and clock >= WARM_UP_S:
             beats0 = sum(metrics.beats.labels(c)._value.get() for c in "NSVFQ")
-            cpu0, wall0, fed0 = time.process_time(), time.perf_counter(), int(sent.sum())
+            cpu0, wall0, fed0 = time.process_time(), time.perf_counter(), wearables.frames_sent
         # The simulated wearables: which frames have arrived by now. Not the edge's work, so it is
         # neither on the clock nor in the CPU time (the fleet benchmark measures a real source).
         t0 = time.thread_time()
-        due = np.floor((clock - phase) / frame_s + 1e-9).astype(np.int64)  # frames arrived by now
-        arrived = []
-        for i in np.flatnonzero(due > sent).tolist():
-            for k in range(int(sent[i]), int(due[i])):
-                start = (offsets[i] + k * n) % len(signal)
-                arrived.append((Frame(f"w{i}", doubled[start : start + n], fs, seq=k * n),
-                                float(phase[i] + (k + 1) * frame_s)))
-            sent[i] = due[i]
+        arrived = [(Frame(device, x, fs, seq=seq), at) for device, x, seq, at in wearables.arrived(clock)]
         t1 = time.thread_time()
         if beats0 is not None:
-            wearables += t1 - t0
+            simulation += t1 - t0
         for frame, at in arrived:
             anonymizer.feed(frame, now=at)
         clock += on_cpu * (time.thread_time() - t1)
@@ -158,7 +181,7 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
             latency.extend(v + in_step for v in metrics.recent_latency)
         metrics.recent_latency.clear()
         next_at = max(next_at + period, clock)
-    cpu = time.process_time() - cpu0 - wearables
+    cpu = time.process_time() - cpu0 - simulation
     wall = time.perf_counter() - wall0
     gc.unfreeze()  # the next run's streams are not this run's
     beats = sum(metrics.beats.labels(c)._value.get() for c in "NSVFQ") - beats0
@@ -167,7 +190,7 @@ def run_once(generator, classifier, streams: int, seconds: float, frame_ms: floa
     arrays = np.mean([s.memory_bytes() for s in anonymizer.streams.values()])
     return BenchResult(
         generator=type(generator).__name__, arrivals=arrivals, frame_ms=frame_ms, streams=streams,
-        simulated_s=(int(sent.sum()) - fed0) * frame_s / streams, cpu_s=cpu, wall_s=wall,
+        simulated_s=(wearables.frames_sent - fed0) * wearables.frame_s / streams, cpu_s=cpu, wall_s=wall,
         beats=int(beats), latency_p50=float(np.percentile(lat, 50)), latency_p99=float(np.percentile(lat, 99)),
         latency_max=float(lat.max()), bytes_per_stream=rss / streams, array_bytes_per_stream=float(arrays),
         clock=mode,

@@ -265,6 +265,30 @@ def test_pipeline_benchmark_runs_and_writes_its_table(tmp_path: Path) -> None:
                                          peer=False, clock="cpu", repeats=0, output=out)) == 2
 
 
+def test_simulated_wearables_send_each_frame_once_on_their_own_phase() -> None:
+    """The bench's wearables (also the paired CPU comparison's): every frame arrives once, at
+    its phase plus whole frames, and each wearable's frames continue its record without a gap."""
+    from edge import bench
+
+    signal = np.arange(1000, dtype=np.float64)
+    w = bench.Wearables(5, signal, 360.0, 100, seed=3)
+    got: dict[str, list] = {}
+    for clock in np.arange(0.02, 5.0, 0.02):
+        for device, x, seq, at in w.arrived(float(clock)):
+            assert at <= clock + 1e-9
+            got.setdefault(device, []).append((x, seq, at))
+    assert sorted(got) == [f"w{i}" for i in range(5)]
+    assert w.frames_sent == sum(len(v) for v in got.values())
+    for frames in got.values():
+        assert [seq for _, seq, _ in frames] == [36 * k for k in range(len(frames))]
+        assert np.allclose(np.diff([at for _, _, at in frames]), 0.1)
+        assert frames[0][2] <= bench.JOIN_S + 0.1
+        played = np.concatenate([x for x, _, _ in frames])
+        assert np.array_equal(played, signal[(played[0] + np.arange(played.size)).astype(int) % signal.size])
+    lockstep = bench.Wearables(5, signal, 360.0, 100, seed=3, staggered=False)
+    assert [at for *_, at in lockstep.arrived(0.1)] == [0.1] * 5
+
+
 @pytest.mark.parametrize("arrivals", ["staggered", "lockstep"])
 def test_pipeline_benchmark_latency_is_the_post_r_wait_plus_frame_and_tick(arrivals: str) -> None:
     """A surrogate can go out once the codec's post-R input has arrived: the latency the bench
