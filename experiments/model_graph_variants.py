@@ -28,6 +28,7 @@ import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from edge.anonymize import load_models  # noqa: E402
+from trainer.export import example_inputs  # noqa: E402
 from trainer.onnx_kernels import _live  # noqa: E402
 
 BATCH = 35
@@ -182,7 +183,7 @@ def merged_ensemble(model: onnx.ModelProto, members: int = 4, layers: int = 4) -
                 helper.make_node("Relu", [f"_ens{layer}_c"], [f"_ens{layer}_r"]),
                 helper.make_node("MaxPool", [f"_ens{layer}_r"], [f"_ens{layer}_p"], **attrs(pools[layer]))]
         x = f"_ens{layer}_p"
-    g.initializer.extend([_i64("_ens_axis", [2]), _i64("_ens_split", [_flat_width(g, flats[0])] * members)])
+    g.initializer.extend([_i64("_ens_axis", [2]), _i64("_ens_split", [_flat_width(g, weights, flats[0])] * members)])
     new += [helper.make_node("Squeeze", [x, "_ens_axis"], ["_ens_sq"]),
             helper.make_node("Flatten", ["_ens_sq"], ["_ens_flat"], axis=1)]
     new.append(helper.make_node("Split", ["_ens_flat", "_ens_split"], [f.output[0] for f in flats], axis=1))
@@ -194,9 +195,8 @@ def merged_ensemble(model: onnx.ModelProto, members: int = 4, layers: int = 4) -
     return model
 
 
-def _flat_width(g: onnx.GraphProto, flatten: onnx.NodeProto) -> int:
+def _flat_width(g: onnx.GraphProto, weights: dict[str, np.ndarray], flatten: onnx.NodeProto) -> int:
     """Features one member's flatten yields (from the head's first Gemm: its inputs less the RR units)."""
-    weights = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     concat = next(n for n in g.node if flatten.output[0] in n.input)
     head = next(n for n in g.node if concat.output[0] in n.input)
     rr = next(n for n in g.node if concat.input[1] in n.output)  # the RR embedding's activation
@@ -222,13 +222,7 @@ def main() -> None:
 
     generator, classifier = load_models()
     gen, cls = onnx.load(generator.source), onnx.load(classifier.source)
-    c = generator.contract
-    gen_feeds = {"persona": rng.standard_normal((BATCH, c.persona_dim)).astype(np.float32),
-                 "z": rng.standard_normal((BATCH, c.beat_dim)).astype(np.float32),
-                 "label": rng.integers(0, len(c.classes), BATCH).astype(np.int64),
-                 "rr": rng.uniform(0.5, 1.2, (BATCH, len(c.rr_features))).astype(np.float32)}
-    cls_feeds = {"beats": rng.standard_normal((BATCH, classifier.contract.codec.length)).astype(np.float32),
-                 "rr": rng.uniform(0.5, 1.2, (BATCH, len(classifier.contract.rr_features))).astype(np.float32)}
+    gen_feeds, cls_feeds = example_inputs(generator.contract, BATCH), example_inputs(classifier.contract, BATCH)
     for name, shipped, variant, feeds in (("3. generator, shapes folded", gen, fold_static_shapes(gen), gen_feeds),
                                           ("4. classifier, members merged", cls, merged_ensemble(cls), cls_feeds)):
         a, b = session(shipped).run(None, feeds)[0], session(variant).run(None, feeds)[0]
